@@ -1,0 +1,13 @@
+"""ortho_adapters: orthogonal and low-rank adapter methods for Hugging Face PEFT.
+
+``import ortho_adapters`` adds the package's types to ``peft.utils.PeftType`` and registers every
+implemented method, so ``get_peft_model``, ``save_pretrained`` and ``PeftModel.from_pretrained``
+work with the configs below exactly as with PEFT's own methods.
+"""
+
+from .lora_sb import LoraSBConfig, LoraSBModel, initialize_lora_sb
+from .registry import PEFT_TYPES
+
+__version__ = "0.1.0"
+
+__all__ = ["PEFT_TYPES", "LoraSBConfig", "LoraSBModel", "initialize_lora_sb", "__version__"]

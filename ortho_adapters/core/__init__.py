@@ -1,0 +1,23 @@
+"""Machinery shared by every ortho_adapters method."""
+
+from .autograd import FrozenFactorProduct, frozen_factor_product
+from .base_weight import read_weight, write_weight
+from .config import OrthoAdapterConfig
+from .layer import COMMON_NAMES, OrthoLayer, is_supported_base
+from .leaf import MixingMatrix
+from .model import OrthoTuner
+from .svd import truncated_svd
+
+__all__ = [
+    "COMMON_NAMES",
+    "FrozenFactorProduct",
+    "MixingMatrix",
+    "OrthoAdapterConfig",
+    "OrthoLayer",
+    "OrthoTuner",
+    "frozen_factor_product",
+    "is_supported_base",
+    "read_weight",
+    "truncated_svd",
+    "write_weight",
+]

@@ -1,0 +1,30 @@
+"""Reading and writing a tuner layer's base weight as an fp32 ``(out, in)`` matrix.
+
+Plain ``nn.Linear``, transformers' ``Conv1D`` (stored ``(in, out)``) and bitsandbytes 8/4-bit layers
+(through PEFT's quantization backends) all look the same to the methods.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+
+def read_weight(layer: BaseTunerLayer) -> torch.Tensor:
+    """Return a fresh fp32 ``(out_features, in_features)`` copy of the (dequantized) base weight."""
+    weight = layer.get_base_weight()
+    if layer.fan_in_fan_out:
+        weight = weight.t()
+    return weight.detach().to(torch.float32, copy=True)
+
+
+def write_weight(layer: BaseTunerLayer, weight: torch.Tensor) -> None:
+    """Store an fp32 ``(out, in)`` matrix as the base weight, in the base's dtype (re-quantizing if needed)."""
+    base = layer.get_base_layer()
+    if layer.quantization_backend is None:
+        dtype = base.weight.dtype
+    else:  # bitsandbytes quantizes from a float tensor in its compute dtype
+        dtype = getattr(base, "compute_dtype", None) or torch.float16
+    if layer.fan_in_fan_out:
+        weight = weight.t()
+    layer.set_base_weight(weight.to(dtype).contiguous())

@@ -1,0 +1,180 @@
+"""The tuner-layer base every ortho_adapters method builds on.
+
+It wraps ``nn.Linear``, transformers' ``Conv1D`` and bitsandbytes 8/4-bit linear layers, keeps
+several named adapters, runs adapter math in fp32 whatever the base dtype, and implements
+merge / unmerge / safe_merge / disable on top of two method hooks:
+
+* :meth:`OrthoLayer.adapter_output` -- the adapter's contribution for an input ``x`` (fp32), and
+* :meth:`OrthoLayer.merged_weight` / :meth:`OrthoLayer.unmerged_weight` -- ``W -> W'`` and back
+  (default: add / subtract :meth:`OrthoLayer.delta_weight`).
+
+Trainable tensors live in small leaf modules (one per adapter, in an ``nn.ModuleDict`` named in
+``adapter_layer_names``) that are actually called in forward, frozen factors in persistent
+``BufferDict`` s named in ``other_param_names``: FSDP needs uniform ``requires_grad`` per flattened
+module, and PEFT saves every listed buffer with the adapter.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .base_weight import read_weight, write_weight
+from .config import OrthoAdapterConfig
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    """``nn.Linear``, ``Conv1D`` or a quantized linear layer PEFT knows how to dequantize."""
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return True
+    backend = resolve_quantization_backend(module)
+    return backend is not None and backend.layer_type == "linear"
+
+
+# Per-adapter state every layer keeps; subclasses append their own names to ``other_param_names``.
+COMMON_NAMES: tuple[str, ...] = ("r", "scaling", "adapter_dropout")
+
+
+class OrthoLayer(nn.Module, BaseTunerLayer):
+    """Base class of every ortho_adapters tuner layer (see module docstring)."""
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = COMMON_NAMES
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: OrthoAdapterConfig, **kwargs: Any):
+        super().__init__()
+        self.base_layer = base_layer
+        base = self.get_base_layer()
+        if not is_supported_base(base):
+            raise TypeError(
+                f"{type(self).__name__} cannot wrap {type(base).__name__}: only torch.nn.Linear, "
+                "transformers' Conv1D and bitsandbytes 8/4-bit linear layers are supported"
+            )
+        self.quantization_backend = resolve_quantization_backend(base)
+        self.in_features, self.out_features = _get_in_out_features(base)
+        self.fan_in_fan_out = isinstance(base, Conv1D)
+        self.module_name: str = kwargs.get("module_name", "")
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+        self.kwargs = kwargs
+        self.adapter_dropout = nn.ModuleDict()
+        self._create_containers()
+        self.update_layer(adapter_name, config)
+
+    # ----- what a method implements -------------------------------------------------------------
+    def _create_containers(self) -> None:
+        """Create the (empty) ModuleDicts / BufferDicts named in the two name tuples."""
+        raise NotImplementedError
+
+    def create_adapter(self, adapter_name: str, config: OrthoAdapterConfig) -> None:
+        """Fill the containers for ``adapter_name`` (called once per adapter)."""
+        raise NotImplementedError
+
+    def max_rank(self) -> int:
+        """Largest rank this layer supports (default ``min(out, in)``)."""
+        return min(self.in_features, self.out_features)
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's additive contribution to the output for fp32 input ``x``."""
+        raise NotImplementedError
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """fp32 ``(out, in)`` matrix ``W' - W`` of an additive adapter."""
+        raise NotImplementedError
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Return ``W'`` for fp32 base weight ``W`` (default ``W + delta``); must not modify ``weight``."""
+        return weight + self.delta_weight(adapter_name)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merged_weight`."""
+        return weight - self.delta_weight(adapter_name)
+
+    # ----- shared machinery ------------------------------------------------------------------------
+    @property
+    def trainable_modules(self) -> nn.ModuleDict:
+        """The ModuleDict that holds one trainable leaf module per adapter."""
+        return getattr(self, self.adapter_layer_names[0])
+
+    def update_layer(self, adapter_name: str, config: OrthoAdapterConfig, **kwargs: Any) -> None:
+        """Add adapter ``adapter_name`` to this layer, validating the rank against the layer's shape."""
+        if config.r > self.max_rank():
+            raise ValueError(
+                f"r={config.r} is too large for layer '{self.module_name or type(self.get_base_layer()).__name__}' "
+                f"(out={self.out_features}, in={self.in_features}): {type(self).__name__} allows r <= {self.max_rank()}"
+            )
+        self.r[adapter_name] = config.r
+        self.adapter_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        with torch.no_grad():
+            self.create_adapter(adapter_name, config)
+        self._move_adapter_to_base_device(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _move_adapter_to_base_device(self, adapter_name: str) -> None:
+        """Move the adapter to the base layer's device, keeping it in fp32 (adapter math is fp32)."""
+        weight = self.get_base_layer().weight
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name, None)
+            if isinstance(container, (nn.ModuleDict, BufferDict)) and adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(weight.device)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write the active (or given) adapters into the base weight.
+
+        With ``safe_merge`` the new weight is checked for non-finite values before it replaces the old one.
+        """
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.trainable_modules:
+                continue
+            new_weight = self.merged_weight(name, read_weight(self))
+            if safe_merge and not torch.isfinite(new_weight).all():
+                raise ValueError(f"NaN/Inf in the merged weight of '{self.module_name}'; adapter '{name}' is broken")
+            write_weight(self, new_weight)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` for every merged adapter, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.trainable_modules:
+                write_weight(self, self.unmerged_weight(name, read_weight(self)))
+
+    def active_adapter_names(self) -> list[str]:
+        """Active adapters that exist on this layer."""
+        return [name for name in self.active_adapters if name in self.trainable_modules]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapted_forward(x, *args, **kwargs)
+
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus each active adapter's fp32 contribution (cast to the output dtype)."""
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        x32 = x.to(torch.float32)
+        for name in self.active_adapter_names():
+            delta = self.adapter_output(name, self.adapter_dropout[name](x32))
+            result = result + delta.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return f"{self.__module__.split('.')[-2]}.{super().__repr__()}"

@@ -1,0 +1,31 @@
+"""The methods under the conformance battery: a new method joins by adding one ``MethodCase``.
+
+``make_config(targets, **overrides)`` builds a config; ``trainable(shapes, config)`` is the exact
+number of adapter values the method trains for the adapted ``(out, in)`` shapes, as its paper defines it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ortho_adapters
+
+
+@dataclass(frozen=True)
+class MethodCase:
+    name: str
+    make_config: Callable[..., Any]
+    trainable: Callable[[list[tuple[int, int]], Any], int]
+    starts_at_base: bool = True
+    trainer_lr: float = 5e-2  # learning rate at which a few Trainer steps visibly lower a tiny LM's loss
+
+
+METHOD_CASES: dict[str, MethodCase] = {
+    "lora_sb": MethodCase(
+        "lora_sb",
+        lambda targets, **kw: ortho_adapters.LoraSBConfig(target_modules=list(targets), **{"r": 4, **kw}),
+        lambda shapes, cfg: len(shapes) * cfg.r * cfg.r,
+        trainer_lr=1.0,  # B = U S of a small random init: tiny singular values need a large step
+    ),
+}

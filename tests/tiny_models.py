@@ -1,0 +1,86 @@
+"""Small seeded models for the conformance battery: an MLP, a tiny Llama and a GPT-2 (Conv1D) model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 128
+
+
+class MLP(nn.Module):
+    """Two hidden linear layers and a head; ``forward(x, labels=None)`` returns a dict with logits (and loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 24)
+        self.head = nn.Linear(24, 2)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        logits = self.head(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """A base-model factory with its targets and a seeded input batch."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    targets: tuple[str, ...]
+    kind: str  # "mlp" | "lm"
+
+    def model(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return self.build().eval()
+
+    def inputs(self, seed: int = 1) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        if self.kind == "mlp":
+            return {"x": torch.randn(6, 10, generator=g)}
+        return {"input_ids": torch.randint(0, VOCAB, (2, 12), generator=g)}
+
+    def labelled(self, seed: int = 1) -> dict[str, torch.Tensor]:
+        batch = self.inputs(seed)
+        if self.kind == "mlp":
+            batch["labels"] = (batch["x"][:, 0] > 0).long()
+        else:
+            batch["labels"] = batch["input_ids"].clone()
+        return batch
+
+
+MODEL_CASES = {
+    "mlp": ModelCase("mlp", MLP, ("lin0", "lin1"), "mlp"),
+    "llama": ModelCase("llama", tiny_llama, ("q_proj", "v_proj"), "lm"),
+    "gpt2": ModelCase("gpt2", tiny_gpt2, ("c_attn",), "lm"),
+}
+
+
+def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**batch)
+    return out["logits"] if isinstance(out, dict) else out.logits
