@@ -5,9 +5,18 @@ implemented method, so ``get_peft_model``, ``save_pretrained`` and ``PeftModel.f
 work with the configs below exactly as with PEFT's own methods.
 """
 
+from .loldu import LoLDUConfig, LoLDUModel
 from .lora_sb import LoraSBConfig, LoraSBModel, initialize_lora_sb
 from .registry import PEFT_TYPES
 
 __version__ = "0.1.0"
 
-__all__ = ["PEFT_TYPES", "LoraSBConfig", "LoraSBModel", "initialize_lora_sb", "__version__"]
+__all__ = [
+    "PEFT_TYPES",
+    "LoLDUConfig",
+    "LoLDUModel",
+    "LoraSBConfig",
+    "LoraSBModel",
+    "__version__",
+    "initialize_lora_sb",
+]

@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--n-eval", type=int, default=d.n_eval)
     ft.add_argument("--targets", type=_csv, default=d.targets, help="comma-separated module names")
     ft.add_argument(
-        "--compare", type=_csv, default=d.compare, help="comparison arms: baseline and/or method names; 'none'"
+        "--compare",
+        type=_csv,
+        default=d.compare,
+        help="comparison arms: baseline and/or method names; 'none'",
     )
     ft.add_argument("--init-samples", type=int, default=d.init_samples, help="LoRA-SB gradient-init samples")
     ft.add_argument("--seed", type=int, default=d.seed)

@@ -115,7 +115,9 @@ def frozen_embedding_baseline(splits, seed: int) -> RunResult:
 
 def adapter_parameter_count(model) -> int:
     """Trainable values of the adapter itself (the classifier head, trained by every arm, excluded)."""
-    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n)
+    return sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n
+    )
 
 
 def train_method(name: str, splits, args: FinetuneArgs, save_dir: Optional[Path] = None) -> RunResult:
@@ -143,7 +145,7 @@ def train_method(name: str, splits, args: FinetuneArgs, save_dir: Optional[Path]
         num_train_epochs=args.epochs,
         learning_rate=lr,
         lr_scheduler_type="linear",
-        warmup_ratio=0.0,
+        warmup_steps=0,
         weight_decay=0.0,
         logging_steps=25,
         save_strategy="no",
@@ -204,11 +206,14 @@ def run_finetune(args: FinetuneArgs) -> list[RunResult]:
     if is_main_process():
         table = format_table(rows)
         print(
-            f"\n{args.model} on {args.dataset}: {len(splits['train'])} train / {len(splits['test'])} held out, "
-            f"{args.epochs:g} epochs, targets {','.join(args.targets)}\n{table}\n"
+            f"\n{args.model} on {args.dataset}: {len(splits['train'])} train / "
+            f"{len(splits['test'])} held out, {args.epochs:g} epochs, "
+            f"targets {','.join(args.targets)}\n{table}\n"
             f"adapter saved to {out / args.method}"
         )
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.md").write_text(table + "\n")
-        (out / "results.json").write_text(json.dumps({"args": asdict(args), "rows": [asdict(r) for r in rows]}))
+        (out / "results.json").write_text(
+            json.dumps({"args": asdict(args), "rows": [asdict(r) for r in rows]})
+        )
     return rows

@@ -6,8 +6,9 @@ classifier head). PEFT's own methods (LoRA, VeRA, HiRA, TinyLoRA) are listed as 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import peft
 
@@ -47,7 +48,9 @@ def _hira(targets, r, save):
 
 
 METHODS: dict[str, MethodSpec] = {
-    "lora_sb": MethodSpec("lora_sb", "LoRA-SB (arXiv 2411.19557)", _lora_sb, lr=5e-3, r=16, gradient_init=True),
+    "lora_sb": MethodSpec(
+        "lora_sb", "LoRA-SB (arXiv 2411.19557)", _lora_sb, lr=5e-3, r=16, gradient_init=True
+    ),
     "lora_xs": MethodSpec("lora_xs", "LoRA-XS (arXiv 2405.17604)", _lora_xs, lr=5e-3, r=16),
     "lora": MethodSpec("lora", "PEFT LoRA (arXiv 2106.09685)", _lora, lr=1e-3, r=8),
     "vera": MethodSpec("vera", "PEFT VeRA (arXiv 2310.11454)", _vera, lr=1e-2, r=256),

@@ -72,5 +72,9 @@ def register(name: str, config_cls: type, model_cls: type) -> None:
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(member) is config_cls:
         return
     if member in PEFT_TYPE_TO_CONFIG_MAPPING:
-        raise ValueError(f"PeftType.{name} is already registered with {PEFT_TYPE_TO_CONFIG_MAPPING[member]!r}")
-    register_peft_method(name=name.lower(), config_cls=config_cls, model_cls=model_cls, prefix=PEFT_TYPES[name])
+        raise ValueError(
+            f"PeftType.{name} is already registered with {PEFT_TYPE_TO_CONFIG_MAPPING[member]!r}"
+        )
+    register_peft_method(
+        name=name.lower(), config_cls=config_cls, model_cls=model_cls, prefix=PEFT_TYPES[name]
+    )

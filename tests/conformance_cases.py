@@ -6,8 +6,9 @@ number of adapter values the method trains for the adapted ``(out, in)`` shapes,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import ortho_adapters
 
@@ -27,5 +28,11 @@ METHOD_CASES: dict[str, MethodCase] = {
         lambda targets, **kw: ortho_adapters.LoraSBConfig(target_modules=list(targets), **{"r": 4, **kw}),
         lambda shapes, cfg: len(shapes) * cfg.r * cfg.r,
         trainer_lr=1.0,  # B = U S of a small random init: tiny singular values need a large step
+    ),
+    "loldu": MethodCase(
+        "loldu",
+        lambda targets, **kw: ortho_adapters.LoLDUConfig(target_modules=list(targets), **{"r": 8, **kw}),
+        lambda shapes, cfg: len(shapes) * (cfg.r + int(cfg.train_sigma)),
+        trainer_lr=0.3,  # only r diagonal values per matrix (sigma = 1/r): r=8 and a large step move the loss
     ),
 }

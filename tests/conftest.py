@@ -9,4 +9,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end checks (real models, multi-process); run with -m slow")
+    config.addinivalue_line(
+        "markers", "slow: end-to-end checks (real models, multi-process); run with -m slow"
+    )

@@ -10,9 +10,9 @@ import sys
 import torch
 from peft import PeftModel
 from safetensors.torch import save_file
+from tiny_models import MODEL_CASES, logits
 
 import ortho_adapters  # noqa: F401  (registers the PEFT types)
-from tiny_models import MODEL_CASES, logits
 
 
 def main(argv: list[str]) -> None:

@@ -194,9 +194,7 @@ def test_second_adapter_add_set_delete(method, model_name):
 @grid
 def test_bf16_base_forward_is_finite_with_fp32_adapter(method, model_name):
     case = MODEL_CASES[model_name]
-    model = get_peft_model(
-        case.model().to(torch.bfloat16), METHOD_CASES[method].make_config(case.targets)
-    )
+    model = get_peft_model(case.model().to(torch.bfloat16), METHOD_CASES[method].make_config(case.targets))
     perturb(model)
     adapter_dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     assert adapter_dtypes == {torch.float32}
@@ -250,7 +248,10 @@ def test_trainer_loss_falls(method, tmp_path):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 128, (8, 16), generator=g)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    model = get_peft_model(case.model(), METHOD_CASES[method].make_config(case.targets + ("o_proj", "gate_proj", "up_proj", "down_proj")))
+    model = get_peft_model(
+        case.model(),
+        METHOD_CASES[method].make_config(case.targets + ("o_proj", "gate_proj", "up_proj", "down_proj")),
+    )
     args = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=8,
@@ -279,8 +280,12 @@ def test_bad_configs_raise_value_error(method):
         get_peft_model(case.model(), make(case.targets, r=11))
     with pytest.raises(ValueError, match="not found|match"):
         get_peft_model(case.model(), make(("no_such_module",)))
+    # the second target fails (head: out=2): the first must not have been replaced either
     base = case.model()
     with torch.no_grad():
         expected = logits(base, case.inputs())
-    with pytest.raises(ValueError, match="too large"):
-        get_peft_model(base, make(case.targets, r=11))
+    with pytest.raises(ValueError, match="too large for layer 'head'"):
+        get_peft_model(base, make(("lin1", "head"), r=4))
+    assert not adapted_layers(base) and not hasattr(base, "peft_config")
+    with torch.no_grad():
+        torch.testing.assert_close(logits(base, case.inputs()), expected, rtol=0, atol=0)

@@ -104,10 +104,13 @@ def test_gradient_init_is_best_rank_r_of_first_update(model_name, update):
     reference = _reference_update(case, lr, update)
     config = ortho_adapters.LoraSBConfig(r=r, target_modules=list(case.targets), init="gradient")
     base = case.model()
-    ortho_adapters.initialize_lora_sb(base, _dataloader(case), config=config, num_samples=None, lr=lr,
-                                      update=update, progress=False)
+    ortho_adapters.initialize_lora_sb(
+        base, _dataloader(case), config=config, num_samples=None, lr=lr, update=update, progress=False
+    )
     model = get_peft_model(base, config)
-    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraSBLayer)}
+    layers = {
+        n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraSBLayer)
+    }
     assert set(layers) == set(reference)
     for name, layer in layers.items():
         b, a = layer.lora_sb_B["default"], layer.lora_sb_A["default"]
@@ -121,10 +124,14 @@ def test_gradient_init_after_get_peft_model_equals_before():
     case = MODEL_CASES["llama"]
     config = ortho_adapters.LoraSBConfig(r=4, target_modules=list(case.targets), init="gradient")
     before = case.model()
-    ortho_adapters.initialize_lora_sb(before, _dataloader(case), config=config, num_samples=None, progress=False)
+    ortho_adapters.initialize_lora_sb(
+        before, _dataloader(case), config=config, num_samples=None, progress=False
+    )
     before = get_peft_model(before, config)
     with pytest.warns(UserWarning, match="no gradient factors yet"):
-        after = get_peft_model(case.model(), ortho_adapters.LoraSBConfig(**{**config.to_dict(), "peft_type": None}))
+        after = get_peft_model(
+            case.model(), ortho_adapters.LoraSBConfig(**{**config.to_dict(), "peft_type": None})
+        )
     rng = torch.get_rng_state()
     ortho_adapters.initialize_lora_sb(after, _dataloader(case), num_samples=None, progress=False)
     assert torch.equal(rng, torch.get_rng_state()), "the gradient init must not touch the global RNG"
@@ -139,8 +146,9 @@ def test_subtract_init_starts_at_base_and_default_starts_one_step_away():
         base_logits = logits(case.model(), case.inputs())
     results = {}
     for subtract in (False, True):
-        config = ortho_adapters.LoraSBConfig(r=4, target_modules=list(case.targets), init="gradient",
-                                             subtract_init=subtract)
+        config = ortho_adapters.LoraSBConfig(
+            r=4, target_modules=list(case.targets), init="gradient", subtract_init=subtract
+        )
         model = case.model()
         ortho_adapters.initialize_lora_sb(model, _dataloader(case), config=config, lr=0.05, progress=False)
         model = get_peft_model(model, config)
@@ -153,8 +161,9 @@ def test_subtract_init_starts_at_base_and_default_starts_one_step_away():
 
 def test_gradient_factors_survive_save_and_reload(tmp_path):
     case = MODEL_CASES["gpt2"]
-    config = ortho_adapters.LoraSBConfig(r=4, target_modules=list(case.targets), init="gradient",
-                                         subtract_init=True)
+    config = ortho_adapters.LoraSBConfig(
+        r=4, target_modules=list(case.targets), init="gradient", subtract_init=True
+    )
     model = case.model()
     ortho_adapters.initialize_lora_sb(model, _dataloader(case), config=config, lr=0.05, progress=False)
     model = get_peft_model(model, config)

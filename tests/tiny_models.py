@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ VOCAB = 128
 
 
 class MLP(nn.Module):
-    """Two hidden linear layers and a head; ``forward(x, labels=None)`` returns a dict with logits (and loss)."""
+    """Two hidden linear layers and a head; ``forward(x, labels=None)`` returns logits (and loss)."""
 
     def __init__(self) -> None:
         super().__init__()

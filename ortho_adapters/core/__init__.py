@@ -4,12 +4,13 @@ from .autograd import FrozenFactorProduct, frozen_factor_product
 from .base_weight import read_weight, write_weight
 from .config import OrthoAdapterConfig
 from .layer import COMMON_NAMES, OrthoLayer, is_supported_base
-from .leaf import MixingMatrix
+from .leaf import DiagonalScale, MixingMatrix
 from .model import OrthoTuner
 from .svd import truncated_svd
 
 __all__ = [
     "COMMON_NAMES",
+    "DiagonalScale",
     "FrozenFactorProduct",
     "MixingMatrix",
     "OrthoAdapterConfig",

@@ -2,7 +2,8 @@
 
 ``y = s * ((x A^T) M^T) B^T`` with ``A`` (r x n) frozen. Backward needs only ``u = x A^T`` (T x r)
 besides the small factors, so unlike eager PyTorch (which keeps ``x``, T x n) the layer's extra
-activation memory is T x r. ``M`` (r x r) or ``B`` (m x r) may require grad; ``M=None`` means identity.
+activation memory is T x r. ``M`` (r x r) or ``B`` (m x r) may require grad; ``M=None`` means identity
+and a vector ``M`` (r) means ``diag(M)`` (LoLDU), applied elementwise at ``O(T r)`` cost.
 """
 
 from __future__ import annotations
@@ -16,14 +17,20 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _mix(u: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """``u M^T`` for a matrix ``M``, ``u diag(M)`` for a vector, ``u`` for ``None``."""
+    if m is None:
+        return u
+    return u * m if m.dim() == 1 else u @ m.t()
+
+
 class FrozenFactorProduct(torch.autograd.Function):
     """``y = s * ((x A^T) M^T) B^T``; saves ``u = x A^T`` for backward, never ``x``."""
 
     @staticmethod
     def forward(ctx, x, a, m, b, scaling: float):  # noqa: D102
         u = x @ a.t()
-        v = u if m is None else u @ m.t()
-        y = (v @ b.t()) * scaling
+        y = (_mix(u, m) @ b.t()) * scaling
         ctx.save_for_backward(u, a, m, b)
         ctx.scaling = scaling
         return y
@@ -36,12 +43,17 @@ class FrozenFactorProduct(torch.autograd.Function):
         grad_x = grad_m = grad_b = None
         grad_v = (grad_y @ b) * s
         if need_b:
-            v = u if m is None else u @ m.t()
-            grad_b = _flat(grad_y).t() @ _flat(v) * s
+            grad_b = _flat(grad_y).t() @ _flat(_mix(u, m)) * s
         if need_m:
-            grad_m = _flat(grad_v).t() @ _flat(u)
+            if m.dim() == 1:
+                grad_m = (_flat(grad_v) * _flat(u)).sum(0)
+            else:
+                grad_m = _flat(grad_v).t() @ _flat(u)
         if need_x:
-            grad_u = grad_v if m is None else grad_v @ m
+            if m is None:
+                grad_u = grad_v
+            else:
+                grad_u = grad_v * m if m.dim() == 1 else grad_v @ m
             grad_x = grad_u @ a
         return grad_x, None, grad_m, grad_b, None
 
@@ -49,5 +61,5 @@ class FrozenFactorProduct(torch.autograd.Function):
 def frozen_factor_product(
     x: torch.Tensor, a: torch.Tensor, m: Optional[torch.Tensor], b: torch.Tensor, scaling: float = 1.0
 ) -> torch.Tensor:
-    """Compute ``s * ((x A^T) M^T) B^T`` saving only ``x A^T`` for backward (see module doc)."""
+    """Compute ``s * ((x A^T) M^T) B^T`` (vector ``M``: ``diag(M)``) saving only ``x A^T`` for backward."""
     return FrozenFactorProduct.apply(x, a, m, b, scaling)

@@ -19,7 +19,7 @@ def read_weight(layer: BaseTunerLayer) -> torch.Tensor:
 
 
 def write_weight(layer: BaseTunerLayer, weight: torch.Tensor) -> None:
-    """Store an fp32 ``(out, in)`` matrix as the base weight, in the base's dtype (re-quantizing if needed)."""
+    """Store an fp32 ``(out, in)`` matrix as the base weight in the base's dtype (re-quantizing if needed)."""
     base = layer.get_base_layer()
     if layer.quantization_backend is None:
         dtype = base.weight.dtype

@@ -23,14 +23,17 @@ class OrthoAdapterConfig(PeftConfig):
     r: int = field(default=8, metadata={"help": "Rank of the adapter."})
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Module names or a regex to adapt; 'all-linear' for every linear layer but the head."},
+        metadata={
+            "help": "Module names or a regex to adapt; 'all-linear' for every linear layer but the head."
+        },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex to exclude."}
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
     fan_in_fan_out: bool = field(
-        default=False, metadata={"help": "True for layers that store weight as (in, out), e.g. GPT-2's Conv1D."}
+        default=False,
+        metadata={"help": "True for layers that store weight as (in, out), e.g. GPT-2's Conv1D."},
     )
     bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
     modules_to_save: Optional[list[str]] = field(

@@ -80,9 +80,20 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         """Fill the containers for ``adapter_name`` (called once per adapter)."""
         raise NotImplementedError
 
-    def max_rank(self) -> int:
-        """Largest rank this layer supports (default ``min(out, in)``)."""
-        return min(self.in_features, self.out_features)
+    @classmethod
+    def rank_limit(cls, out_features: int, in_features: int) -> int:
+        """Largest rank a layer of this shape supports (default ``min(out, in)``)."""
+        return min(out_features, in_features)
+
+    @classmethod
+    def check_rank(cls, r: int, out_features: int, in_features: int, module_name: str) -> None:
+        """Raise ``ValueError`` naming the layer when ``r`` exceeds :meth:`rank_limit`."""
+        limit = cls.rank_limit(out_features, in_features)
+        if r > limit:
+            raise ValueError(
+                f"r={r} is too large for layer '{module_name}' (out={out_features}, in={in_features}): "
+                f"{cls.__name__} allows r <= {limit}"
+            )
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's additive contribution to the output for fp32 input ``x``."""
@@ -108,13 +119,11 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: OrthoAdapterConfig, **kwargs: Any) -> None:
         """Add adapter ``adapter_name`` to this layer, validating the rank against the layer's shape."""
-        if config.r > self.max_rank():
-            raise ValueError(
-                f"r={config.r} is too large for layer '{self.module_name or type(self.get_base_layer()).__name__}' "
-                f"(out={self.out_features}, in={self.in_features}): {type(self).__name__} allows r <= {self.max_rank()}"
-            )
+        self.check_rank(config.r, self.out_features, self.in_features, self.module_name)
         self.r[adapter_name] = config.r
-        self.adapter_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.adapter_dropout[adapter_name] = (
+            nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        )
         with torch.no_grad():
             self.create_adapter(adapter_name, config)
         self._move_adapter_to_base_device(adapter_name)
@@ -138,14 +147,16 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
                 continue
             new_weight = self.merged_weight(name, read_weight(self))
             if safe_merge and not torch.isfinite(new_weight).all():
-                raise ValueError(f"NaN/Inf in the merged weight of '{self.module_name}'; adapter '{name}' is broken")
+                raise ValueError(
+                    f"NaN/Inf in the merged weight of '{self.module_name}'; adapter '{name}' is broken"
+                )
             write_weight(self, new_weight)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` for every merged adapter, last merged first."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()

@@ -34,3 +34,37 @@ class MixingMatrix(nn.Module):
         offset: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         return frozen_factor_product(x, a, self.matrix(offset), b, scaling)
+
+
+class DiagonalScale(nn.Module):
+    """LoLDU's trainable diagonal ``z`` (r values) and optional scalar ``sigma`` between frozen ``B``, ``A``.
+
+    Frozen sigma (``sigma=None``): ``y = s ((x A^T) * (z - z0)) B^T``.
+    Trainable sigma (initialized at ``s``): ``y = ((x A^T) * (sigma z - s z0)) B^T``, equal at the start.
+    """
+
+    def __init__(self, r: int, sigma: float | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(r))
+        if sigma is None:
+            self.register_parameter("sigma", None)
+        else:
+            self.sigma = nn.Parameter(torch.tensor(float(sigma)))
+
+    def diagonal(self, scaling: float, offset: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """``(m, s)`` such that the update is ``s * B diag(m) A``."""
+        if self.sigma is None:
+            return (self.weight if offset is None else self.weight - offset), scaling
+        m = self.sigma * self.weight
+        return (m if offset is None else m - scaling * offset), 1.0
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scaling: float,
+        offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        m, s = self.diagonal(scaling, offset)
+        return frozen_factor_product(x, a, m, b, s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
@@ -17,6 +17,24 @@ class OrthoTuner(BaseTuner):
 
     layer_cls: ClassVar[type[OrthoLayer]]
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _pre_injection_hook(self, model: nn.Module, config: OrthoAdapterConfig, adapter_name: str) -> None:
+        """Validate every target before any module is replaced, so a bad config leaves the model untouched."""
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        for name, module in model.named_modules():
+            if not self._check_target_module_exists(config, name):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not is_supported_base(base):
+                raise ValueError(self._unsupported(name, base))
+            out_features, in_features = _get_in_out_features(base)[::-1]
+            self.layer_cls.check_rank(config.r, out_features, in_features, name)
+
+    def _unsupported(self, name: str, base: nn.Module) -> str:
+        return (
+            f"Target module '{name}' is a {type(base).__name__}; {type(self).__name__} supports only "
+            "torch.nn.Linear, transformers' Conv1D and bitsandbytes 8/4-bit linear layers"
+        )
 
     def _create_and_replace(
         self,
@@ -33,10 +51,7 @@ class OrthoTuner(BaseTuner):
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not is_supported_base(base):
-            raise ValueError(
-                f"Target module '{current_key}' is a {type(base).__name__}; {type(self).__name__} supports only "
-                "torch.nn.Linear, transformers' Conv1D and bitsandbytes 8/4-bit linear layers"
-            )
+            raise ValueError(self._unsupported(current_key, base))
         new_module = self.layer_cls(target, adapter_name, config, module_name=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

@@ -29,8 +29,12 @@ class LoraSBConfig(OrthoAdapterConfig):
 
     r: int = field(default=16, metadata={"help": "Rank (r*r trainable values per matrix)."})
     alpha: Optional[float] = field(default=None, metadata={"help": "Scaling alpha/r; default alpha = r."})
-    init: Literal["svd", "gradient"] = field(default="svd", metadata={"help": "'svd' (exact base) or 'gradient'."})
-    subtract_init: bool = field(default=False, metadata={"help": "Start exactly at the base with init='gradient'."})
+    init: Literal["svd", "gradient"] = field(
+        default="svd", metadata={"help": "'svd' (exact base) or 'gradient'."}
+    )
+    subtract_init: bool = field(
+        default=False, metadata={"help": "Start exactly at the base with init='gradient'."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

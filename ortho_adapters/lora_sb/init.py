@@ -9,9 +9,9 @@ truncated SVD ``U_r S_r V_r^T`` and set ``B = U_r``, ``A = V_r^T``, ``R = diag(S
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack, nullcontext
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from peft.tuners.tuners_utils import check_target_module_exists
@@ -50,7 +50,7 @@ class _GradientAccumulator:
 
         return forward_hook
 
-    def __enter__(self) -> "_GradientAccumulator":
+    def __enter__(self) -> _GradientAccumulator:
         for name, module in self.modules.items():
             self.handles.append(module.register_forward_hook(self._hook(name)))
         return self
@@ -81,8 +81,8 @@ def _require_grad_path(model: nn.Module, modules: Iterable[nn.Module], stack: Ex
         weight = module.weight
         if not weight.is_floating_point():
             raise ValueError(
-                "initialize_lora_sb needs either input embeddings (get_input_embeddings) or float target weights "
-                f"to build a gradient path; got a {type(module).__name__} with {weight.dtype} weight"
+                "initialize_lora_sb needs either input embeddings (get_input_embeddings) or float target "
+                f"weights to build a gradient path; got a {type(module).__name__} with {weight.dtype} weight"
             )
         if not weight.requires_grad:
             weight.requires_grad_(True)
@@ -95,9 +95,13 @@ def _find_targets(model: nn.Module, config: Optional[LoraSBConfig], adapter_name
     if layers:
         return {n: (m.get_base_layer(), m) for n, m in layers.items() if adapter_name in m.lora_sb_R}
     if config is None:
-        raise ValueError("initialize_lora_sb on a model without LoRA-SB layers needs `config=LoraSBConfig(...)`")
+        raise ValueError(
+            "initialize_lora_sb on a model without LoRA-SB layers needs `config=LoraSBConfig(...)`"
+        )
     targets = {
-        n: (m, None) for n, m in model.named_modules() if is_supported_base(m) and check_target_module_exists(config, n)
+        n: (m, None)
+        for n, m in model.named_modules()
+        if is_supported_base(m) and check_target_module_exists(config, n)
     }
     if not targets:
         raise ValueError(f"No module of the model matches target_modules={config.target_modules!r}")
@@ -205,4 +209,3 @@ def initialize_lora_sb(
         else:
             setattr(base, PENDING_FACTORS_ATTR, (u, torch.diag(s), vh))
     return factors
-

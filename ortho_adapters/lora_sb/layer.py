@@ -47,12 +47,15 @@ class LoraSBLayer(OrthoLayer):
         else:
             if not config.inference_mode:
                 warnings.warn(
-                    f"LoRA-SB layer '{self.module_name}' has init='gradient' but no gradient factors yet: B, A and R "
-                    "are zero until `ortho_adapters.initialize_lora_sb(model, dataloader)` runs or a saved adapter "
-                    "is loaded."
+                    f"LoRA-SB layer '{self.module_name}' has init='gradient' but no gradient factors yet: "
+                    "B, A and R are zero until `ortho_adapters.initialize_lora_sb(model, dataloader)` runs "
+                    "or a saved adapter is loaded.",
+                    stacklevel=2,
                 )
             zeros = torch.zeros
-            self._store(adapter_name, zeros(self.out_features, r), zeros(r, r), zeros(r, self.in_features), False)
+            self._store(
+                adapter_name, zeros(self.out_features, r), zeros(r, r), zeros(r, self.in_features), False
+            )
             if config.subtract_init:
                 self.lora_sb_R0[adapter_name] = zeros(r, r)
 
@@ -73,7 +76,7 @@ class LoraSBLayer(OrthoLayer):
         subtract_init: bool,
         create: bool = False,
     ) -> None:
-        """Install gradient-init factors so that ``s B R A`` equals ``b @ rmat @ a`` (shapes are validated)."""
+        """Install gradient-init factors so that ``s B R A == b @ rmat @ a`` (shapes are validated)."""
         r = self.r[adapter_name]
         expected = {"B": (self.out_features, r), "R": (r, r), "A": (r, self.in_features)}
         for label, tensor in zip("BRA", (b, rmat, a)):
