@@ -10,6 +10,7 @@ processes); the adapter is saved with ``save_pretrained``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ class FinetuneArgs:
     n_eval: int = 1000
     targets: list[str] = field(default_factory=lambda: ["query", "value"])
     compare: list[str] = field(default_factory=lambda: ["baseline", "lora"])
+    warmup_ratio: float = 0.06
     init_samples: int = 64
     seed: int = 0
     output_dir: str = "outputs/finetune"
@@ -88,6 +90,7 @@ def build_classifier(seed: int) -> MeanPoolClassifier:
     from . import data
 
     encoder, _ = data.load_minilm()
+    encoder.pooler = None  # mean pooling replaces the (weak) CLS pooler, which would get no gradient
     torch.manual_seed(seed)
     return MeanPoolClassifier(encoder, num_labels=2)
 
@@ -131,11 +134,16 @@ def train_method(name: str, splits, args: FinetuneArgs, save_dir: Optional[Path]
     lr = args.lr if (args.lr is not None and name == args.method) else spec.lr
     config = spec.build(list(args.targets), r, ["classifier"])
     model = build_classifier(args.seed)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    total_steps = math.ceil(len(splits["train"]) / (args.batch_size * world)) * args.epochs
+    warmup_steps = max(1, round(args.warmup_ratio * total_steps)) if args.warmup_ratio > 0 else 0
     if spec.gradient_init:
+        # eta = the learning rate of the first warm-up step, as in the official LoRA-SB code
+        eta = lr / max(warmup_steps, 1)
         loader = DataLoader(splits["train"], batch_size=args.batch_size, shuffle=False)
         model.train()
         initialize_lora_sb(
-            model, loader, config=config, num_samples=args.init_samples, lr=lr, progress=args.progress
+            model, loader, config=config, num_samples=args.init_samples, lr=eta, progress=args.progress
         )
     model = get_peft_model(model, config)
     training_args = TrainingArguments(
@@ -145,7 +153,7 @@ def train_method(name: str, splits, args: FinetuneArgs, save_dir: Optional[Path]
         num_train_epochs=args.epochs,
         learning_rate=lr,
         lr_scheduler_type="linear",
-        warmup_steps=0,
+        warmup_steps=warmup_steps,
         weight_decay=0.0,
         logging_steps=25,
         save_strategy="no",

@@ -21,8 +21,17 @@ PEFT_TYPES: dict[str, str] = {
     "O3": "o3_",
 }
 
-# Members that this package added (as opposed to members PEFT ships itself).
-_ADDED: set[str] = set()
+# Names of the members this package added (as opposed to PEFT's own). Kept on the enum class itself so
+# that it survives a reload of this module.
+_ADDED_ATTR = "_ortho_adapters_added_"
+
+
+def _added() -> set[str]:
+    added = PeftType.__dict__.get(_ADDED_ATTR)
+    if added is None:
+        added = set()
+        type.__setattr__(PeftType, _ADDED_ATTR, added)
+    return added
 
 
 def _add_enum_member(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
@@ -53,14 +62,14 @@ def peft_type(name: str) -> PeftType:
     if name not in PEFT_TYPES:
         raise ValueError(f"{name!r} is not an ortho_adapters PEFT type; known: {sorted(PEFT_TYPES)}")
     if name in PeftType.__members__:
-        if name not in _ADDED:
+        if name not in _added():
             raise ValueError(
                 f"PEFT itself already defines PeftType.{name}; ortho_adapters' method of the same name would "
                 "shadow it. Pin a PEFT version without it or rename the ortho_adapters type."
             )
         return PeftType[name]
     member = _add_enum_member(PeftType, name)
-    _ADDED.add(name)
+    _added().add(name)
     return member
 
 

@@ -29,6 +29,12 @@ METHOD_CASES: dict[str, MethodCase] = {
         lambda shapes, cfg: len(shapes) * cfg.r * cfg.r,
         trainer_lr=1.0,  # B = U S of a small random init: tiny singular values need a large step
     ),
+    "hut": MethodCase(
+        "hut",
+        lambda targets, **kw: ortho_adapters.HUTConfig(target_modules=list(targets), **{"r": 4, **kw}),
+        lambda shapes, cfg: sum(cfg.r * (m + n) for m, n in shapes),
+        trainer_lr=0.05,
+    ),
     "loldu": MethodCase(
         "loldu",
         lambda targets, **kw: ortho_adapters.LoLDUConfig(target_modules=list(targets), **{"r": 8, **kw}),

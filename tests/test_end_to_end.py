@@ -1,0 +1,55 @@
+"""Slow end-to-end checks on the real offline model and data (``pytest -m slow``; CI runs them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _accelerate() -> str:
+    exe = Path(sys.executable).with_name("accelerate")
+    return str(exe) if exe.exists() else shutil.which("accelerate") or "accelerate"
+
+
+def test_two_process_accelerate_run_on_cpu(tmp_path):
+    """The main job under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU), tiny config."""
+    cmd = [
+        _accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "ortho_adapters.cli", "finetune", "--n-train", "64", "--n-eval", "32", "--epochs", "1",
+        "--compare", "none", "--init-samples", "16", "--no-progress", "--output-dir", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["rows"][0]["method"] == "lora_sb"
+    assert (tmp_path / "lora_sb" / "adapter_model.safetensors").exists()
+    assert proc.stdout.count("| lora_sb |") == 1, "only the main process prints the table"
+
+
+def test_main_job_defaults_meet_the_targets(tmp_path):
+    """Main job defaults: LoRA-SB >= frozen-embedding baseline + 3 points with <= 1/20 of LoRA r=8 params."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "ortho_adapters.cli",
+        "finetune",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    baseline = rows["frozen embeddings + logistic regression"]["accuracy"]
+    assert rows["lora_sb"]["accuracy"] >= baseline + 0.03, rows
+    assert rows["lora_sb"]["adapter_params"] * 20 <= rows["lora"]["adapter_params"], rows
