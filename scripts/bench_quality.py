@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_METHODS = "lora,lora_xs,lora_sb,loldu,hut,vera,hira"
+DEFAULT_METHODS = "lora,lora_xs,lora_sb,loldu,vera,tinylora,hut,hira"
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-eval", type=int, default=1000)
-    parser.add_argument("--targets", default="query,value")
+    parser.add_argument("--targets", default="query,value,output.dense")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/bench_quality")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

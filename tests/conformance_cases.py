@@ -33,7 +33,7 @@ METHOD_CASES: dict[str, MethodCase] = {
         "hut",
         lambda targets, **kw: ortho_adapters.HUTConfig(target_modules=list(targets), **{"r": 4, **kw}),
         lambda shapes, cfg: sum(cfg.r * (m + n) for m, n in shapes),
-        trainer_lr=0.05,
+        trainer_lr=0.3,  # M = 1 + sBA scales tiny (std 0.02) weights: the factors need a large step
     ),
     "loldu": MethodCase(
         "loldu",
