@@ -44,7 +44,7 @@ class FinetuneArgs:
     targets: list[str] = field(default_factory=lambda: ["query", "value", "output.dense"])
     compare: list[str] = field(default_factory=lambda: ["baseline", "lora"])
     warmup_ratio: float = 0.06
-    init_samples: int = 64
+    init_samples: int = 256
     seed: int = 0
     output_dir: str = "outputs/finetune"
     progress: bool = True

@@ -206,20 +206,26 @@ def test_bf16_base_forward_is_finite_with_fp32_adapter(method, model_name):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
-def _quantize_mlp_layer(linear: nn.Linear) -> nn.Module:
+def _quantize_mlp_layer(linear: nn.Linear, bits: int) -> nn.Module:
     bnb = pytest.importorskip("bitsandbytes")
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=True, compute_dtype=torch.float32)
-    q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    weight, n_in, n_out = linear.weight.data.clone(), linear.in_features, linear.out_features
+    if bits == 4:
+        q = bnb.nn.Linear4bit(n_in, n_out, bias=True, compute_dtype=torch.float32)
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    else:
+        q = bnb.nn.Linear8bitLt(n_in, n_out, bias=True, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return q.to("cpu")
+    return q.to("cpu")  # quantizes
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("method", METHODS)
-def test_bnb_4bit_base_on_cpu(method):
+def test_bnb_quantized_base_on_cpu(method, bits):
     case = MODEL_CASES["mlp"]
     base = case.model()
-    base.lin0 = _quantize_mlp_layer(base.lin0)
-    base.lin1 = _quantize_mlp_layer(base.lin1)
+    base.lin0 = _quantize_mlp_layer(base.lin0, bits)
+    base.lin1 = _quantize_mlp_layer(base.lin1, bits)
     with torch.no_grad():
         expected = logits(base, case.inputs())
     model = get_peft_model(base, METHOD_CASES[method].make_config(case.targets))
@@ -235,7 +241,7 @@ def test_bnb_4bit_base_on_cpu(method):
     with torch.no_grad():
         unmerged = logits(model, case.inputs())
         merged = model.merge_and_unload()
-        # merging re-quantizes to nf4: equal up to 4-bit rounding of the weight
+        # merging re-quantizes: equal up to the quantization error of the merged weight
         torch.testing.assert_close(logits(merged, case.inputs()), unmerged, rtol=0.1, atol=0.15)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
+from saved_tensors import owned_storages, saved_activation_values
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -126,19 +127,10 @@ def test_materialize_saves_input_not_the_merged_weight():
     torch.manual_seed(0)
     model = _model(nn.Linear(48, 40), execution="materialize")
     layer = _layer(model)
-    owned = {t.untyped_storage().data_ptr() for t in model.parameters()}
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in owned:
-            saved.append(t.numel())
-        return t
-
     x = torch.randn(7, 48, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
+    saved = saved_activation_values(lambda: model(x), owned_storages(model))
     assert layer.hut_execution["default"] == "materialize"
-    assert sum(saved) == x.numel()  # no (out x in) W' kept per layer
+    assert saved == x.numel()  # no (out x in) W' kept per layer
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])

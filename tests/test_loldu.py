@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
+from saved_tensors import owned_storages, saved_activation_values
 from tiny_models import MODEL_CASES, logits
 from torch import nn
 
@@ -172,21 +173,6 @@ def test_diagonal_frozen_factor_product_matches_eager_autograd():
         torch.testing.assert_close(got, want)
 
 
-def _saved_activation_values(fn, owned: set[int]) -> int:
-    """Number of values autograd saves for backward, excluding parameters/buffers (by storage)."""
-    count = 0
-
-    def pack(t: torch.Tensor):
-        nonlocal count
-        if t.untyped_storage().data_ptr() not in owned:
-            count += t.numel()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return count
-
-
 @pytest.mark.parametrize("train_sigma", [False, True])
 @pytest.mark.parametrize("tokens", [64, 512])
 def test_saved_activations_are_t_times_r(tokens, train_sigma):
@@ -195,10 +181,10 @@ def test_saved_activations_are_t_times_r(tokens, train_sigma):
     config = ortho_adapters.LoLDUConfig(r=r, target_modules=["0"], train_sigma=train_sigma)
     model = get_peft_model(nn.Sequential(nn.Linear(n, m)), config)
     layer = _layers(model)[0]
-    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    owned = owned_storages(model)
     x = torch.randn(tokens, n, requires_grad=True)
-    base_only = _saved_activation_values(lambda: layer.base_layer(x), owned)
-    adapted = _saved_activation_values(lambda: layer(x), owned)
+    base_only = saved_activation_values(lambda: layer.base_layer(x), owned)
+    adapted = saved_activation_values(lambda: layer(x), owned)
     # u = x U_r^T (T x r) plus the r-vector diag(sigma z - sigma0 z0); nothing of size T x n or T x m
     assert tokens * r <= adapted - base_only <= tokens * r + r
 

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from saved_tensors import owned_storages, saved_activation_values
 from tiny_models import MODEL_CASES, logits
 from torch import nn
 
@@ -34,21 +35,6 @@ def test_frozen_factor_product_matches_eager_autograd():
     torch.testing.assert_close(out2, x @ a.t() @ b_train.t())
 
 
-def _saved_activation_values(fn, owned: set[int]) -> int:
-    """Number of values autograd saves for backward, excluding parameters/buffers (by storage)."""
-    count = 0
-
-    def pack(t: torch.Tensor):
-        nonlocal count
-        if t.untyped_storage().data_ptr() not in owned:
-            count += t.numel()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return count
-
-
 @pytest.mark.parametrize("tokens", [64, 512])
 def test_saved_activations_are_at_most_t_times_r(tokens):
     torch.manual_seed(0)
@@ -57,15 +43,15 @@ def test_saved_activations_are_at_most_t_times_r(tokens):
     model = get_peft_model(nn.Sequential(base), ortho_adapters.LoraSBConfig(r=r, target_modules=["0"]))
     layer = model.base_model.model[0]
     assert isinstance(layer, LoraSBLayer)
-    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    owned = owned_storages(model)
     x = torch.randn(tokens, n, requires_grad=True)
-    base_only = _saved_activation_values(lambda: layer.base_layer(x), owned)
-    adapted = _saved_activation_values(lambda: layer(x), owned)
+    base_only = saved_activation_values(lambda: layer.base_layer(x), owned)
+    adapted = saved_activation_values(lambda: layer(x), owned)
     assert 0 < adapted - base_only <= tokens * r  # u = x A^T, nothing of size T x n
     # the counter does see x: PEFT's LoRA (trainable A) must keep it
     lora = get_peft_model(nn.Sequential(nn.Linear(n, m)), LoraConfig(r=r, target_modules=["0"]))
-    lora_owned = {t.untyped_storage().data_ptr() for t in list(lora.parameters()) + list(lora.buffers())}
-    assert _saved_activation_values(lambda: lora.base_model.model[0](x), lora_owned) >= tokens * n
+    lora_owned = owned_storages(lora)
+    assert saved_activation_values(lambda: lora.base_model.model[0](x), lora_owned) >= tokens * n
 
 
 def _dataloader(case, n_batches: int = 3):
