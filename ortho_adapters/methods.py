@@ -65,8 +65,8 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "lora_xs": MethodSpec("lora_xs", "LoRA-XS (arXiv 2405.17604)", _lora_xs, lr=5e-3, r=16),
     "lora": MethodSpec("lora", "PEFT LoRA (arXiv 2106.09685)", _lora, lr=1e-3, r=8),
-    "loldu": MethodSpec("loldu", "LoLDU (arXiv 2410.13618)", _loldu, lr=5e-2, r=384),
-    "hut": MethodSpec("hut", "HUT (arXiv 2409.13501)", _hut, lr=2e-3, r=8),
+    "loldu": MethodSpec("loldu", "LoLDU (arXiv 2410.13618)", _loldu, lr=2e-1, r=384),
+    "hut": MethodSpec("hut", "HUT (arXiv 2409.13501)", _hut, lr=3e-2, r=8),
     "vera": MethodSpec("vera", "PEFT VeRA (arXiv 2310.11454)", _vera, lr=1e-2, r=256),
     # TinyLoRA: frozen rank-2 SVD, `r` is its trainable vector length u per matrix (no weight tying)
     "tinylora": MethodSpec("tinylora", "PEFT TinyLoRA (arXiv 2602.04118)", _tinylora, lr=1e-2, r=64),
