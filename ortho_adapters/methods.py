@@ -70,7 +70,8 @@ METHODS: dict[str, MethodSpec] = {
     "vera": MethodSpec("vera", "PEFT VeRA (arXiv 2310.11454)", _vera, lr=1e-2, r=256),
     # TinyLoRA: frozen rank-2 SVD, `r` is its trainable vector length u per matrix (no weight tying)
     "tinylora": MethodSpec("tinylora", "PEFT TinyLoRA (arXiv 2602.04118)", _tinylora, lr=1e-2, r=64),
-    "hira": MethodSpec("hira", "PEFT HiRA (ICLR 2025)", _hira, lr=1e-3, r=8),
+    # HiRA (W0 + W0 ⊙ BA) computes the same function as HUT here: same learning rate
+    "hira": MethodSpec("hira", "PEFT HiRA (ICLR 2025)", _hira, lr=3e-2, r=8),
 }
 
 
