@@ -99,8 +99,8 @@ def test_auto_picks_cheaper_path_as_documented():
     m = n = 64
     r = 8
     # the documented break-even points at r = 8: inference factored only at T = 1, training only at T <= 2
-    inference = [choose_path(t, m, n, r, False, False) for t in (1, 2, 3)]
-    training = [choose_path(t, m, n, r, True, True) for t in (1, 2, 3, 512)]
+    inference = [choose_path(path_costs(t, m, n, r, False, False)) for t in (1, 2, 3)]
+    training = [choose_path(path_costs(t, m, n, r, True, True)) for t in (1, 2, 3, 512)]
     assert inference == ["factored", "materialize", "materialize"]
     assert training == ["factored", "factored", "materialize", "materialize"]
     costs = path_costs(4096, 1024, 1024, 8, True, True)
@@ -118,7 +118,7 @@ def test_auto_picks_cheaper_path_as_documented():
         with torch.set_grad_enabled(grad):
             model(x)
             chosen = layer.execution_path("default", x)
-        want = choose_path(tokens, m, n, r, grad, grad)
+        want = choose_path(path_costs(tokens, m, n, r, grad, grad))
         assert chosen == want
         assert paths[-1] == ("fused" if want == "materialize" else "factored")
 

@@ -4,7 +4,7 @@ from .autograd import FrozenFactorProduct, frozen_factor_product
 from .base_weight import read_weight, write_weight
 from .config import OrthoAdapterConfig
 from .layer import COMMON_NAMES, OrthoLayer, is_supported_base
-from .leaf import DiagonalScale, MixingMatrix
+from .leaf import DiagonalScale, FrozenFactorLeaf, MixingMatrix
 from .model import OrthoTuner
 from .svd import truncated_svd
 
@@ -12,6 +12,7 @@ __all__ = [
     "COMMON_NAMES",
     "DiagonalScale",
     "FrozenFactorProduct",
+    "FrozenFactorLeaf",
     "MixingMatrix",
     "OrthoAdapterConfig",
     "OrthoLayer",

@@ -14,16 +14,12 @@ from torch import nn
 from .autograd import frozen_factor_product
 
 
-class MixingMatrix(nn.Module):
-    """Trainable ``R`` (r x r) between frozen ``B`` and ``A``: ``y = s ((x A^T)(R - R0)^T) B^T``."""
+class FrozenFactorLeaf(nn.Module):
+    """Base of the leaves: ``y = s' ((x A^T) M^T) B^T`` with ``(M, s')`` from :meth:`middle`."""
 
-    def __init__(self, r: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(r, r))
-
-    def matrix(self, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``R - R0`` (or ``R`` when there is no offset)."""
-        return self.weight if offset is None else self.weight - offset
+    def middle(self, scaling: float, offset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
+        """The middle factor ``M`` (r x r matrix, or r vector for a diagonal) and the scaling to apply."""
+        raise NotImplementedError
 
     def forward(
         self,
@@ -33,10 +29,23 @@ class MixingMatrix(nn.Module):
         scaling: float,
         offset: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        return frozen_factor_product(x, a, self.matrix(offset), b, scaling)
+        m, s = self.middle(scaling, offset)
+        return frozen_factor_product(x, a, m, b, s)
 
 
-class DiagonalScale(nn.Module):
+class MixingMatrix(FrozenFactorLeaf):
+    """Trainable ``R`` (r x r) between frozen ``B`` and ``A``: ``y = s ((x A^T)(R - R0)^T) B^T``."""
+
+    def __init__(self, r: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(r, r))
+
+    def middle(self, scaling: float, offset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
+        """``(R - R0, s)`` (``R`` when there is no offset)."""
+        return (self.weight if offset is None else self.weight - offset), scaling
+
+
+class DiagonalScale(FrozenFactorLeaf):
     """LoLDU's trainable diagonal ``z`` (r values) and optional scalar ``sigma`` between frozen ``B``, ``A``.
 
     Frozen sigma (``sigma=None``): ``y = s ((x A^T) * (z - z0)) B^T``.
@@ -51,20 +60,9 @@ class DiagonalScale(nn.Module):
         else:
             self.sigma = nn.Parameter(torch.tensor(float(sigma)))
 
-    def diagonal(self, scaling: float, offset: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    def middle(self, scaling: float, offset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
         """``(m, s)`` such that the update is ``s * B diag(m) A``."""
         if self.sigma is None:
             return (self.weight if offset is None else self.weight - offset), scaling
         m = self.sigma * self.weight
         return (m if offset is None else m - scaling * offset), 1.0
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scaling: float,
-        offset: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        m, s = self.diagonal(scaling, offset)
-        return frozen_factor_product(x, a, m, b, s)

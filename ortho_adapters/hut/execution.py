@@ -135,15 +135,6 @@ def path_costs(
     return {"materialize": materialize, "factored": factored}
 
 
-def choose_path(
-    tokens: int,
-    out_features: int,
-    in_features: int,
-    r: int,
-    grad_input: bool,
-    grad_factors: bool,
-    dropout: bool = False,
-) -> str:
-    """``"materialize"`` or ``"factored"``, whichever :func:`path_costs` counts fewer (ties: materialize)."""
-    costs = path_costs(tokens, out_features, in_features, r, grad_input, grad_factors, dropout)
+def choose_path(costs: dict[str, int]) -> str:
+    """The path with fewer multiply-adds in a :func:`path_costs` result (ties: materialize)."""
     return "factored" if costs["factored"] < costs["materialize"] else "materialize"

@@ -12,7 +12,7 @@ from torch import nn
 from ..core.base_weight import read_weight
 from ..core.layer import COMMON_NAMES, OrthoLayer
 from .config import HUTConfig
-from .execution import choose_path, factored_update, hadamard_linear, hadamard_multiplier
+from .execution import choose_path, factored_update, hadamard_linear, hadamard_multiplier, path_costs
 
 # Entries of M with |M| below this are not divided out on unmerge: their pre-merge values are kept instead.
 UNMERGE_GUARD = 1e-3
@@ -96,9 +96,10 @@ class HUTLayer(OrthoLayer):
         grad_factors = grad and any(p.requires_grad for p in self.hut_factors[adapter_name].parameters())
         tokens = x.numel() // max(x.shape[-1], 1)
         r = self.r[adapter_name]
-        return choose_path(
+        costs = path_costs(
             tokens, self.out_features, self.in_features, r, grad and x.requires_grad, grad_factors, dropout
         )
+        return choose_path(costs)
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = self.active_adapter_names()

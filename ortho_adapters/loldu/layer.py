@@ -74,5 +74,5 @@ class LoLDULayer(OrthoLayer):
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``PL_r diag(sigma z - sigma0 z0) U_r`` in fp32."""
-        m, s = self.loldu_z[adapter_name].diagonal(self.scaling[adapter_name], self.loldu_z0[adapter_name])
+        m, s = self.loldu_z[adapter_name].middle(self.scaling[adapter_name], self.loldu_z0[adapter_name])
         return (self.loldu_PL[adapter_name] * m.detach().float()) @ self.loldu_U[adapter_name] * s

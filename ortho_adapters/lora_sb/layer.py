@@ -102,6 +102,5 @@ class LoraSBLayer(OrthoLayer):
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s * B (R - R0) A`` in fp32."""
-        rmat = self.lora_sb_R[adapter_name].matrix(self._offset(adapter_name)).detach().float()
-        b, a = self.lora_sb_B[adapter_name], self.lora_sb_A[adapter_name]
-        return (b @ rmat @ a) * self.scaling[adapter_name]
+        rmat, s = self.lora_sb_R[adapter_name].middle(self.scaling[adapter_name], self._offset(adapter_name))
+        return (self.lora_sb_B[adapter_name] @ rmat.detach().float() @ self.lora_sb_A[adapter_name]) * s
