@@ -53,3 +53,12 @@ def test_main_job_defaults_meet_the_targets(tmp_path):
     baseline = rows["frozen embeddings + logistic regression"]["accuracy"]
     assert rows["lora_sb"]["accuracy"] >= baseline + 0.03, rows
     assert rows["lora_sb"]["adapter_params"] * 20 <= rows["lora"]["adapter_params"], rows
+
+
+def test_quickstart_example_runs():
+    """examples/quickstart.py: LoRA-SB init, Trainer, save, reload, merge on the real model."""
+    script = Path(__file__).parents[1] / "examples" / "quickstart.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    diff = float(proc.stdout.rsplit("differ by ", 1)[1].split()[0])
+    assert diff < 1e-4
