@@ -86,16 +86,23 @@ def minilm_dir() -> Path:
     return package_file(MINILM_DIST, MINILM_RELPATH)
 
 
+def load_minilm_tokenizer() -> PreTrainedTokenizerBase:
+    """The all-MiniLM-L6-v2 tokenizer alone (no model weights are read)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+
+
 def load_minilm(num_labels: Optional[int] = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)``: the ``BertModel`` encoder, or a sequence classifier with ``num_labels``.
 
     The classifier's head is freshly initialised and uses BERT's CLS pooler, which is weak for this
     sentence-embedding model: prefer :func:`mean_pool` over the encoder's hidden states.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
+    from transformers import AutoModelForSequenceClassification, BertModel
 
     path = minilm_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = load_minilm_tokenizer()
     if num_labels is None:
         model = BertModel.from_pretrained(path, local_files_only=True)
     else:

@@ -75,7 +75,7 @@ def load_task(args: FinetuneArgs):
     if args.dataset != "rotten_tomatoes":
         raise ValueError(f"unknown dataset {args.dataset!r}; available: 'rotten_tomatoes'")
     splits = data.load_rotten_tomatoes(n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
-    _, tokenizer = data.load_minilm()
+    tokenizer = data.load_minilm_tokenizer()
 
     def tokenize(batch):
         return tokenizer(batch["text"], truncation=True, max_length=args.max_length, padding="max_length")

@@ -43,7 +43,7 @@ class LoraSBLayer(OrthoLayer):
             u, s, vh = truncated_svd(read_weight(self), r)
             self._store(adapter_name, u * s, torch.zeros(r, r), vh, config.subtract_init)
         elif pending is not None:
-            self.set_factors(adapter_name, *pending, subtract_init=config.subtract_init, create=True)
+            self.set_factors(adapter_name, *pending, subtract_init=config.subtract_init)
         else:
             if not config.inference_mode:
                 warnings.warn(
@@ -53,11 +53,8 @@ class LoraSBLayer(OrthoLayer):
                     stacklevel=2,
                 )
             zeros = torch.zeros
-            self._store(
-                adapter_name, zeros(self.out_features, r), zeros(r, r), zeros(r, self.in_features), False
-            )
-            if config.subtract_init:
-                self.lora_sb_R0[adapter_name] = zeros(r, r)
+            b, a = zeros(self.out_features, r), zeros(r, self.in_features)
+            self._store(adapter_name, b, zeros(r, r), a, config.subtract_init)
 
     def _store(self, name: str, b: torch.Tensor, rmat: torch.Tensor, a: torch.Tensor, subtract: bool) -> None:
         self.lora_sb_B[name] = b.detach().to(torch.float32).contiguous()
@@ -74,7 +71,6 @@ class LoraSBLayer(OrthoLayer):
         rmat: torch.Tensor,
         a: torch.Tensor,
         subtract_init: bool,
-        create: bool = False,
     ) -> None:
         """Install gradient-init factors so that ``s B R A == b @ rmat @ a`` (shapes are validated)."""
         r = self.r[adapter_name]
