@@ -118,7 +118,8 @@ def test_half_precision_base_is_factorized_in_fp32(dtype):
         nn.Sequential(base), ortho_adapters.LoLDUConfig(r=6, target_modules=["0"], alpha=3.0)
     )
     layer = _layers(model)[0]
-    assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if "loldu_" in n)
+    factors = [b for n, b in model.named_buffers() if "loldu_" in n and "fingerprint" not in n]
+    assert factors and all(b.dtype == torch.float32 for b in factors)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     with torch.no_grad():
         layer.loldu_z["default"].weight.add_(torch.linspace(-0.5, 0.5, 6))
@@ -191,8 +192,87 @@ def test_saved_activations_are_t_times_r(tokens, train_sigma):
 
 def test_config_defaults_and_validation():
     config = ortho_adapters.LoLDUConfig()
-    assert (config.r, config.alpha, config.init, config.train_sigma) == (768, 1.0, "lu", False)
+    assert (config.r, config.alpha, config.init, config.train_sigma) == (None, 1.0, "lu", False)
+    assert config.store_factors is False
     with pytest.raises(ValueError, match="init"):
         ortho_adapters.LoLDUConfig(init="kaiming")
     with pytest.raises(ValueError, match="alpha"):
         ortho_adapters.LoLDUConfig(alpha=0.0)
+
+
+def test_default_rank_is_full_rank_per_layer():
+    case = MODEL_CASES["llama"]  # q_proj 32x32, v_proj 16x32 (grouped-query attention)
+    model = get_peft_model(case.model(), ortho_adapters.LoLDUConfig(target_modules=["q_proj", "v_proj"]))
+    ranks = {layer.module_name.split(".")[-1]: layer.r["default"] for layer in _layers(model)}
+    assert ranks == {"q_proj": 32, "v_proj": 16}
+    layer = _layers(model)[0]
+    assert layer.loldu_PL["default"].shape[1] == layer.r["default"]
+
+
+def _trained_loldu(store_factors: bool = False):
+    case = MODEL_CASES["llama"]
+    config = ortho_adapters.LoLDUConfig(target_modules=["q_proj", "v_proj"], store_factors=store_factors)
+    model = get_peft_model(case.model(), config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * p.abs().mean())
+    return model, case
+
+
+@pytest.mark.parametrize("store_factors", [False, True])
+def test_saved_file_holds_factors_only_on_request_and_reload_is_exact(tmp_path, store_factors):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model, case = _trained_loldu(store_factors)
+    with torch.no_grad():
+        expected = logits(model, case.inputs())
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    has_factors = any("loldu_PL" in k or "loldu_U" in k for k in saved)
+    assert has_factors == store_factors
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not store_factors:  # z, z0 and a 64-byte fingerprint per layer
+        n_layers = len(_layers(model))
+        assert sum(t.numel() for t in saved.values()) == 2 * trainable + 64 * n_layers
+    reloaded = PeftModel.from_pretrained(case.model(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(logits(reloaded, case.inputs()), expected)
+
+
+def test_loading_onto_a_different_base_is_refused_naming_the_layer(tmp_path):
+    from peft import PeftModel
+
+    model, case = _trained_loldu()
+    model.save_pretrained(tmp_path)
+    other = case.model(seed=1)
+    with pytest.raises(ValueError, match=r"q_proj.*different base weight"):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_a_different_pivoting_is_refused(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    model, case = _trained_loldu()
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    state = load_file(path)
+    key = next(k for k in state if "fingerprint" in k)
+    state[key][40] ^= 1  # corrupt the pivots' hash only
+    save_file(state, path)
+    with pytest.raises(ValueError, match="LU pivoting"):
+        PeftModel.from_pretrained(case.model(), tmp_path)
+
+
+def test_stored_factors_load_onto_any_base(tmp_path):
+    from peft import PeftModel
+
+    model, case = _trained_loldu(store_factors=True)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(case.model(seed=1), tmp_path)
+    src = _layers(model)[0]
+    dst = _layers(reloaded)[0]
+    assert torch.equal(src.loldu_PL["default"], dst.loldu_PL["default"])

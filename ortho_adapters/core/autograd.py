@@ -4,6 +4,10 @@
 besides the small factors, so unlike eager PyTorch (which keeps ``x``, T x n) the layer's extra
 activation memory is T x r. ``M`` (r x r) or ``B`` (m x r) may require grad; ``M=None`` means identity
 and a vector ``M`` (r) means ``diag(M)`` (LoLDU), applied elementwise at ``O(T r)`` cost.
+
+Under ``torch.autocast`` the forward's matmuls run in the autocast dtype (``u`` is saved in it) and the
+backward re-enters the same autocast region, so its matmuls do too; gradients are returned to the
+parameters' own (fp32) dtype by autograd.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from .precision import autocast_state, reenter_autocast
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -33,10 +39,16 @@ class FrozenFactorProduct(torch.autograd.Function):
         y = (_mix(u, m) @ b.t()) * scaling
         ctx.save_for_backward(u, a, m, b)
         ctx.scaling = scaling
+        ctx.autocast = autocast_state(x)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # noqa: D102
+        with reenter_autocast(ctx.autocast):
+            return FrozenFactorProduct._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y):
         u, a, m, b = ctx.saved_tensors
         s = ctx.scaling
         need_x, _, need_m, need_b, _ = ctx.needs_input_grad
@@ -45,8 +57,8 @@ class FrozenFactorProduct(torch.autograd.Function):
         if need_b:
             grad_b = _flat(grad_y).t() @ _flat(_mix(u, m)) * s
         if need_m:
-            if m.dim() == 1:
-                grad_m = (_flat(grad_v) * _flat(u)).sum(0)
+            if m.dim() == 1:  # elementwise ops do not autocast: multiply in the matmuls' dtype
+                grad_m = (_flat(grad_v) * _flat(u).to(grad_v.dtype)).sum(0)
             else:
                 grad_m = _flat(grad_v).t() @ _flat(u)
         if need_x:

@@ -1,12 +1,16 @@
 """The tuner-layer base every ortho_adapters method builds on.
 
 It wraps ``nn.Linear``, transformers' ``Conv1D`` and bitsandbytes 8/4-bit linear layers, keeps
-several named adapters, runs adapter math in fp32 whatever the base dtype, and implements
-merge / unmerge / safe_merge / disable on top of two method hooks:
+several named adapters and implements merge / unmerge / safe_merge / disable on top of two method hooks:
 
-* :meth:`OrthoLayer.adapter_output` -- the adapter's contribution for an input ``x`` (fp32), and
+* :meth:`OrthoLayer.adapter_output` -- the adapter's contribution for an input ``x``, and
 * :meth:`OrthoLayer.merged_weight` / :meth:`OrthoLayer.unmerged_weight` -- ``W -> W'`` and back
   (default: add / subtract :meth:`OrthoLayer.delta_weight`).
+
+Precision follows PEFT: adapters are created in fp32 (data-derived factors are computed in fp32 and kept
+so), and ``autocast_adapter_dtype=False`` casts them to the base layer's dtype. Without autocast the input
+is cast to the adapter's dtype; under ``torch.autocast`` it is passed as is and every adapter matmul runs
+in the autocast dtype, forward and backward (no fp32 copy of the activations is made).
 
 Trainable tensors live in small leaf modules (one per adapter, in an ``nn.ModuleDict`` named in
 ``adapter_layer_names``) that are actually called in forward, frozen factors in persistent
@@ -86,6 +90,11 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         return min(out_features, in_features)
 
     @classmethod
+    def resolve_rank(cls, config: OrthoAdapterConfig, out_features: int, in_features: int) -> int:
+        """The rank of this layer: ``config.r``, or :meth:`rank_limit` when ``r`` is None (full rank)."""
+        return cls.rank_limit(out_features, in_features) if config.r is None else config.r
+
+    @classmethod
     def check_rank(cls, r: int, out_features: int, in_features: int, module_name: str) -> None:
         """Raise ``ValueError`` naming the layer when ``r`` exceeds :meth:`rank_limit`."""
         limit = cls.rank_limit(out_features, in_features)
@@ -96,7 +105,7 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
             )
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's additive contribution to the output for fp32 input ``x``."""
+        """The adapter's additive contribution for input ``x`` (in the adapter's dtype, or any under autocast)."""
         raise NotImplementedError
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -119,8 +128,9 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: OrthoAdapterConfig, **kwargs: Any) -> None:
         """Add adapter ``adapter_name`` to this layer, validating the rank against the layer's shape."""
-        self.check_rank(config.r, self.out_features, self.in_features, self.module_name)
-        self.r[adapter_name] = config.r
+        r = self.resolve_rank(config, self.out_features, self.in_features)
+        self.check_rank(r, self.out_features, self.in_features, self.module_name)
+        self.r[adapter_name] = r
         self.adapter_dropout[adapter_name] = (
             nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         )
@@ -129,13 +139,50 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         self._move_adapter_to_base_device(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def _move_adapter_to_base_device(self, adapter_name: str) -> None:
-        """Move the adapter to the base layer's device, keeping it in fp32 (adapter math is fp32)."""
-        weight = self.get_base_layer().weight
+    def _adapter_containers(self, adapter_name: str):
+        """``(container, adapter_name)`` for every ModuleDict / BufferDict that holds this adapter."""
         for name in self.adapter_layer_names + self.other_param_names:
             container = getattr(self, name, None)
             if isinstance(container, (nn.ModuleDict, BufferDict)) and adapter_name in container:
-                container[adapter_name] = container[adapter_name].to(weight.device)
+                yield container
+
+    def _move_adapter_to_base_device(self, adapter_name: str) -> None:
+        """Move the adapter to the base layer's device, keeping its dtype (fp32 unless cast later).
+
+        Tensors on the meta device (``low_cpu_mem_usage=True``) stay there until the state dict fills them.
+        """
+        device = self.get_base_layer().weight.device
+        if device.type == "meta":
+            return
+        for container in self._adapter_containers(adapter_name):
+            item = container[adapter_name]
+            tensors = [item] if isinstance(item, torch.Tensor) else list(item.parameters())
+            if any(t.device.type == "meta" for t in tensors):
+                continue
+            container[adapter_name] = item.to(device)
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the base layer computes in (fp32 for quantized layers without a float compute dtype)."""
+        base = self.get_base_layer()
+        if self.quantization_backend is not None:
+            return getattr(base, "compute_dtype", None) or torch.float32
+        return base.weight.dtype
+
+    def cast_adapter(self, adapter_name: str, dtype: torch.dtype) -> None:
+        """Cast the adapter's float parameters and buffers to ``dtype`` (``autocast_adapter_dtype=False``)."""
+        for container in self._adapter_containers(adapter_name):
+            item = container[adapter_name]
+            if isinstance(item, torch.Tensor):
+                if item.is_floating_point():
+                    container[adapter_name] = item.to(dtype)
+            else:
+                container[adapter_name] = item.to(dtype)  # Module.to only casts floating tensors
+
+    def adapter_dtype(self, adapter_name: str) -> torch.dtype:
+        """The dtype of the adapter's trainable tensors (fp32 unless ``autocast_adapter_dtype=False``)."""
+        for param in self.trainable_modules[adapter_name].parameters():
+            return param.dtype
+        return torch.float32
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write the active (or given) adapters into the base weight.
@@ -176,14 +223,19 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         return self.adapted_forward(x, *args, **kwargs)
 
+    def adapter_input(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the adapter consumes it: unchanged under autocast, else cast to the adapter's dtype."""
+        if torch.is_autocast_enabled(x.device.type):
+            return x
+        return x.to(self.adapter_dtype(adapter_name))
+
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus each active adapter's fp32 contribution (cast to the output dtype)."""
+        """Base output plus each active adapter's contribution (cast to the output dtype)."""
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
-        x32 = x.to(torch.float32)
         for name in self.active_adapter_names():
-            delta = self.adapter_output(name, self.adapter_dropout[name](x32))
+            delta = self.adapter_output(name, self.adapter_dropout[name](self.adapter_input(name, x)))
             result = result + delta.to(result.dtype)
         return result
 

@@ -34,11 +34,15 @@ class FrozenFactorLeaf(nn.Module):
 
 
 class MixingMatrix(FrozenFactorLeaf):
-    """Trainable ``R`` (r x r) between frozen ``B`` and ``A``: ``y = s ((x A^T)(R - R0)^T) B^T``."""
+    """Trainable ``R`` (r x r) between frozen ``B`` and ``A``: ``y = s ((x A^T)(R - R0)^T) B^T``.
 
-    def __init__(self, r: int):
+    Created from its initial value (never assigned through ``.data`` later), so that PEFT's
+    ``low_cpu_mem_usage`` can create it on the meta device and fill it from a state dict.
+    """
+
+    def __init__(self, initial: torch.Tensor):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(r, r))
+        self.weight = nn.Parameter(initial.detach().clone().contiguous())
 
     def middle(self, scaling: float, offset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
         """``(R - R0, s)`` (``R`` when there is no offset)."""
@@ -52,9 +56,9 @@ class DiagonalScale(FrozenFactorLeaf):
     Trainable sigma (initialized at ``s``): ``y = ((x A^T) * (sigma z - s z0)) B^T``, equal at the start.
     """
 
-    def __init__(self, r: int, sigma: float | None = None):
+    def __init__(self, z: torch.Tensor, sigma: float | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(r))
+        self.weight = nn.Parameter(z.detach().clone().contiguous())
         if sigma is None:
             self.register_parameter("sigma", None)
         else:

@@ -28,7 +28,23 @@ class OrthoTuner(BaseTuner):
             if not is_supported_base(base):
                 raise ValueError(self._unsupported(name, base))
             out_features, in_features = _get_in_out_features(base)[::-1]
-            self.layer_cls.check_rank(config.r, out_features, in_features, name)
+            r = self.layer_cls.resolve_rank(config, out_features, in_features)
+            self.layer_cls.check_rank(r, out_features, in_features, name)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's convention: adapters in fp32 (``True``, how they are created) or in the base layer's dtype.
+
+        Adapters are created in fp32 so that data-derived factors (SVD, LU) never pass through bf16; with
+        ``autocast_adapter_dtype=False`` each layer's copy is cast to its base layer's compute dtype.
+        """
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            return
+        for module in self.model.modules():
+            if isinstance(module, OrthoLayer) and adapter_name in module.trainable_modules:
+                dtype = module.compute_dtype()
+                if dtype.is_floating_point:
+                    module.cast_adapter(adapter_name, dtype)
 
     def _unsupported(self, name: str, base: nn.Module) -> str:
         return (

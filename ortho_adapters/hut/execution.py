@@ -33,14 +33,20 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 class HadamardLinear(torch.autograd.Function):
-    """``y = x (W0 ⊙ M)^T + bias`` in one GEMM in ``dtype``; ``M`` fp32, recomputed in backward."""
+    """``y = x (W0 ⊙ M)^T + bias`` in one GEMM in ``dtype``; ``M`` fp32, recomputed in backward.
+
+    Both GEMMs of the backward also run in ``dtype`` (under autocast: the autocast dtype); the saved input
+    is ``x`` in ``dtype`` (no copy when it already is).
+    """
 
     @staticmethod
     def forward(ctx, x, w0, bias, b, a, scaling: float, include_base: bool, dtype: torch.dtype):  # noqa: D102
         weight = (w0.float() * hadamard_multiplier(b, a, scaling, include_base)).to(dtype)
-        y = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+        x = x.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x, weight, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x, w0, b, a)
-        ctx.scaling, ctx.include_base = scaling, include_base
+        ctx.scaling, ctx.include_base, ctx.dtype = scaling, include_base, dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -52,9 +58,10 @@ class HadamardLinear(torch.autograd.Function):
         grad_x = grad_w0 = grad_bias = grad_b = grad_a = None
         multiplier = hadamard_multiplier(b, a, s, ctx.include_base)
         w0_32 = w0.float()
-        dtype = grad_y.dtype
+        dtype = ctx.dtype
+        grad_y = grad_y.to(dtype)
         if need_x:
-            grad_x = (grad_y @ (w0_32 * multiplier).to(dtype)).to(x.dtype)
+            grad_x = grad_y @ (w0_32 * multiplier).to(dtype)
         if need_w0 or need_b or need_a:
             grad_weight = (_flat(grad_y).t() @ _flat(x).to(dtype)).float()  # dy^T x, (m x n)
             if need_w0:
@@ -91,13 +98,15 @@ def hadamard_linear(
 def factored_update(
     x: torch.Tensor, w0: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """Factored path: ``x (W0 ⊙ s B A)^T = s sum_i B[:, i] ⊙ ((x ⊙ A[i]) W0^T)`` (plain autograd, fp32).
+    """Factored path: ``x (W0 ⊙ s B A)^T = s sum_i B[:, i] ⊙ ((x ⊙ A[i]) W0^T)`` (plain autograd).
 
-    The ``r`` products with ``W0`` run as one GEMM over ``T r`` rows.
+    Runs in ``x``'s dtype (the factors and ``W0`` are cast to it); the ``r`` products with ``W0`` run as one
+    GEMM over ``T r`` rows.
     """
-    u = x.unsqueeze(-2) * a  # (..., r, n)
-    v = u @ w0.t()  # (..., r, m)
-    return (v * b.t()).sum(-2) * scaling
+    dtype = x.dtype
+    u = x.unsqueeze(-2) * a.to(dtype)  # (..., r, n)
+    v = u @ w0.to(dtype).t()  # (..., r, m)
+    return (v * b.to(dtype).t()).sum(-2) * scaling
 
 
 def path_costs(

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..core.base_weight import read_weight
 from ..core.layer import COMMON_NAMES, OrthoLayer
+from ..core.precision import compute_dtype
 from .config import HUTConfig
 from .execution import choose_path, factored_update, hadamard_linear, hadamard_multiplier, path_costs
 
@@ -26,11 +27,13 @@ class HadamardFactors(nn.Module):
     (``M = 1 + s B A`` itself, for several active adapters).
     """
 
-    def __init__(self, out_features: int, in_features: int, r: int):
+    def __init__(self, out_features: int, in_features: int, r: int, init_weights: bool = True):
         super().__init__()
         self.B = nn.Parameter(torch.zeros(out_features, r))
         self.A = nn.Parameter(torch.empty(r, in_features))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        if not init_weights:  # PEFT's convention: a random, non-identity start
+            nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
 
     def forward(
         self,
@@ -75,17 +78,23 @@ class HUTLayer(OrthoLayer):
     def create_adapter(self, adapter_name: str, config: HUTConfig) -> None:
         self.scaling[adapter_name] = config.alpha / config.r
         self.hut_execution[adapter_name] = config.execution
-        self.hut_factors[adapter_name] = HadamardFactors(self.out_features, self.in_features, config.r)
+        self.hut_factors[adapter_name] = HadamardFactors(
+            self.out_features, self.in_features, self.r[adapter_name], config.init_weights
+        )
 
     # ----- execution ---------------------------------------------------------------------------------
-    def _compute_weight(self) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.dtype]:
-        """The (out, in) base weight (a view, or dequantized), the base bias and the GEMM dtype."""
+    def _compute_weight(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.dtype]:
+        """The (out, in) base weight (a view, or dequantized), the base bias and the GEMM dtype.
+
+        The GEMM dtype is the autocast dtype under autocast, else the base weight's (fp32 for quantized bases).
+        """
         base = self.get_base_layer()
         bias = getattr(base, "bias", None)
         if self.quantization_backend is not None:
-            return self.get_base_weight(), bias, torch.float32
+            weight = self.get_base_weight()
+            return weight, bias, compute_dtype(x, torch.float32)
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
-        return weight, bias, weight.dtype
+        return weight, bias, compute_dtype(x, weight.dtype)
 
     def execution_path(self, adapter_name: str, x: torch.Tensor, dropout: bool = False) -> str:
         """``"materialize"`` or ``"factored"`` for this call (``execution="auto"``: fewer multiply-adds)."""
@@ -110,7 +119,7 @@ class HUTLayer(OrthoLayer):
         name = names[0]
         leaf, dropout, scaling = self.hut_factors[name], self.adapter_dropout[name], self.scaling[name]
         dropping = _dropout_active(dropout)
-        weight, bias, dtype = self._compute_weight()
+        weight, bias, dtype = self._compute_weight(x)
         path = self.execution_path(name, x, dropping)
         if path == "materialize" and not dropping:
             out = leaf(x, weight, bias, scaling, "fused", dtype)
@@ -121,7 +130,7 @@ class HUTLayer(OrthoLayer):
         if path == "materialize":
             update = leaf(dropout(x), weight, None, scaling, "update", dtype)
         else:
-            update = leaf(dropout(x.to(torch.float32)), weight.to(torch.float32), None, scaling, "factored")
+            update = leaf(dropout(self.adapter_input(name, x)), weight, None, scaling, "factored")
         return result + update.to(result.dtype)
 
     def _stacked_forward(self, names: list[str], x: torch.Tensor) -> torch.Tensor:
@@ -131,20 +140,20 @@ class HUTLayer(OrthoLayer):
                 f"HUT layer '{self.module_name}': several active adapters {names} with dropout > 0 in "
                 "training mode are not supported; activate one adapter at a time or set dropout=0"
             )
-        weight, bias, dtype = self._compute_weight()
+        weight, bias, dtype = self._compute_weight(x)
         multiplier = None
         for name in names:
             m = self.hut_factors[name](None, None, None, self.scaling[name], "multiplier")
             multiplier = m if multiplier is None else multiplier * m
         bias = None if bias is None else bias.to(dtype)
-        out = F.linear(x.to(dtype), (weight.float() * multiplier).to(dtype), bias)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(x.to(dtype), (weight.float() * multiplier).to(dtype), bias)
         return out if self.quantization_backend is None else out.to(x.dtype)
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """The additive update ``x (W0 ⊙ s B A)^T`` for fp32 ``x`` (factored form)."""
+        """The additive update ``x (W0 ⊙ s B A)^T`` in ``x``'s dtype (factored form)."""
         leaf = self.hut_factors[adapter_name]
-        weight = self._compute_weight()[0].to(torch.float32)
-        return factored_update(x, weight, leaf.B, leaf.A, self.scaling[adapter_name])
+        return factored_update(x, self._compute_weight(x)[0], leaf.B, leaf.A, self.scaling[adapter_name])
 
     # ----- merging -----------------------------------------------------------------------------------
     def _multiplier(self, adapter_name: str) -> torch.Tensor:

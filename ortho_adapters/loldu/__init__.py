@@ -2,10 +2,10 @@
 
 from ..registry import register
 from .config import LoLDUConfig
-from .decomposition import truncated_ldu
+from .decomposition import fingerprint, ldu_factors, truncated_ldu
 from .layer import LoLDULayer
 from .model import LoLDUModel
 
 register("LOLDU", LoLDUConfig, LoLDUModel)
 
-__all__ = ["LoLDUConfig", "LoLDULayer", "LoLDUModel", "truncated_ldu"]
+__all__ = ["LoLDUConfig", "LoLDULayer", "LoLDUModel", "fingerprint", "ldu_factors", "truncated_ldu"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Optional
 
 from ..core.config import OrthoAdapterConfig
 
@@ -25,9 +25,9 @@ class LoLDUConfig(OrthoAdapterConfig):
     ``W_res = W0 - sigma0 PL_r diag(z0) U_r``, rewritten so that ``W0`` is never modified.
 
     Args:
-        r: rank, ``r <= min(out, in)``; ``r`` trainable values per adapted matrix. The default 768 is the
-            official code's ``default_loldu_config`` (full rank for the 768-wide ViT-base / RoBERTa-base
-            projections of the paper's encoder experiments); smaller layers need an explicit ``r``.
+        r: rank, ``r <= min(out, in)``; ``r`` trainable values per adapted matrix. The default ``None`` is
+            full rank per layer (``min(out, in)``), which is what the official ``default_loldu_config``'s
+            ``r=768`` means for the 768-wide ViT-base / RoBERTa-base projections of the paper's experiments.
         alpha: ``sigma0 = alpha / r``; the official ``from_linear`` uses ``alpha = 1``.
         init: initial ``z``, following the official ``init_method`` (``minloldu/loldu.py``):
 
@@ -44,14 +44,24 @@ class LoLDUConfig(OrthoAdapterConfig):
             the rank-r LDU part of ``W0``).
         train_sigma: also train the scalar ``sigma`` (initialized at ``sigma0``; one more value per matrix).
             The official workflow trains only ``z``.
+        store_factors: save ``PL_r`` and ``U_r`` with the adapter (twice the size of the adapted weights at
+            full rank). Default ``False``: the file holds ``z``, ``z0`` and a fingerprint of the base weight and
+            of the LU pivoting; the factors are rebuilt at load and a base that does not match is refused.
+        init_weights: ``False`` adds noise of the pivots' size to ``z`` (a random, non-identity start).
     """
 
     PEFT_TYPE_NAME: ClassVar[str] = "LOLDU"
+    FULL_RANK_WHEN_NONE: ClassVar[bool] = True
 
-    r: int = field(default=768, metadata={"help": "Rank (r trainable values per matrix), r <= min(out, in)."})
+    r: Optional[int] = field(
+        default=None, metadata={"help": "Rank (r trainable values per matrix); None = full rank per layer."}
+    )
     alpha: float = field(default=1.0, metadata={"help": "sigma0 = alpha / r (official: alpha = 1)."})
     init: LoLDUInit = field(default="lu", metadata={"help": "Initial z; see the class docstring."})
     train_sigma: bool = field(default=False, metadata={"help": "Also train the scalar sigma."})
+    store_factors: bool = field(
+        default=False, metadata={"help": "Save PL_r and U_r (else rebuilt from the base weight at load)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,7 +10,19 @@ The dense ``m x m`` permutation ``P`` is never formed: its rows are applied by i
 
 from __future__ import annotations
 
+import hashlib
+from typing import NamedTuple
+
 import torch
+
+
+class LDUFactors(NamedTuple):
+    """``PL_r`` (m x r), unit-diagonal ``U_r`` (r x n), pivots ``d_r`` (r) and LAPACK's row swaps."""
+
+    pl_r: torch.Tensor
+    u_r: torch.Tensor
+    d_r: torch.Tensor
+    pivots: torch.Tensor
 
 
 def pivots_to_permutation(pivots: torch.Tensor, m: int) -> torch.Tensor:
@@ -21,8 +33,8 @@ def pivots_to_permutation(pivots: torch.Tensor, m: int) -> torch.Tensor:
     return torch.tensor(perm, dtype=torch.long, device=pivots.device)
 
 
-def truncated_ldu(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 ``(PL_r, U_r, d_r)`` of ``weight`` (m x n): ``PL_r diag(d_r) U_r`` is its rank-r LDU part.
+def ldu_factors(weight: torch.Tensor, r: int) -> LDUFactors:
+    """fp32 truncated LDU factors of ``weight`` (m x n): ``PL_r diag(d_r) U_r`` is its rank-r LDU part.
 
     A zero pivot (the rest of its column is already eliminated) gets ``d_i = 1`` and keeps its ``U`` row
     unscaled, so ``PL_r diag(d_r) U_r`` stays exact for rank-deficient weights.
@@ -38,4 +50,24 @@ def truncated_ldu(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Ten
     u_r = torch.triu(lu[:r])
     d_r = torch.diagonal(u_r).clone()
     d_r = torch.where(d_r.abs() > torch.finfo(torch.float32).tiny, d_r, torch.ones_like(d_r))
-    return pl_r.contiguous(), (u_r / d_r[:, None]).contiguous(), d_r
+    return LDUFactors(pl_r.contiguous(), (u_r / d_r[:, None]).contiguous(), d_r, pivots)
+
+
+def truncated_ldu(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(PL_r, U_r, d_r)`` of :func:`ldu_factors`."""
+    return ldu_factors(weight, r)[:3]
+
+
+FINGERPRINT_BYTES = 64
+
+
+def fingerprint(weight: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor:
+    """64 bytes (uint8): SHA-256 of the fp32 base weight, then SHA-256 of the LU row swaps.
+
+    The factors ``PL_r``, ``U_r`` are a deterministic function of both: equal fingerprints at load mean the
+    rebuilt factors are the saved adapter's (bit-identical on the same machine and LAPACK).
+    """
+    weight_bytes = weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    pivot_bytes = pivots.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    digest = hashlib.sha256(weight_bytes).digest() + hashlib.sha256(pivot_bytes).digest()
+    return torch.frombuffer(bytearray(digest), dtype=torch.uint8).clone()

@@ -35,15 +35,14 @@ class LoraSBLayer(OrthoLayer):
         self.lora_sb_R0 = BufferDict(persistent=True)
 
     def create_adapter(self, adapter_name: str, config: LoraSBConfig) -> None:
-        r = config.r
+        r = self.r[adapter_name]
         self.scaling[adapter_name] = config.alpha / r
-        self.lora_sb_R[adapter_name] = MixingMatrix(r)
         pending = self.get_base_layer().__dict__.pop(PENDING_FACTORS_ATTR, None)
         if config.init == "svd":
             u, s, vh = truncated_svd(read_weight(self), r)
-            self._store(adapter_name, u * s, torch.zeros(r, r), vh, config.subtract_init)
+            b, rmat, a = u * s, torch.zeros(r, r), vh
         elif pending is not None:
-            self.set_factors(adapter_name, *pending, subtract_init=config.subtract_init)
+            b, rmat, a = self._checked(adapter_name, *pending)
         else:
             if not config.inference_mode:
                 warnings.warn(
@@ -52,27 +51,18 @@ class LoraSBLayer(OrthoLayer):
                     "or a saved adapter is loaded.",
                     stacklevel=2,
                 )
-            zeros = torch.zeros
-            b, a = zeros(self.out_features, r), zeros(r, self.in_features)
-            self._store(adapter_name, b, zeros(r, r), a, config.subtract_init)
+            b, rmat, a = torch.zeros(self.out_features, r), torch.zeros(r, r), torch.zeros(r, self.in_features)
+        self.lora_sb_B[adapter_name] = b.detach().to(torch.float32).contiguous()
+        self.lora_sb_A[adapter_name] = a.detach().to(torch.float32).contiguous()
+        stored = rmat.detach().to(torch.float32) / self.scaling[adapter_name]
+        if config.subtract_init:
+            self.lora_sb_R0[adapter_name] = stored.clone()
+        if not config.init_weights:  # PEFT's convention: a random, non-identity start
+            stored = stored + torch.randn(r, r) * (0.1 / self.scaling[adapter_name])
+        self.lora_sb_R[adapter_name] = MixingMatrix(stored)
 
-    def _store(self, name: str, b: torch.Tensor, rmat: torch.Tensor, a: torch.Tensor, subtract: bool) -> None:
-        self.lora_sb_B[name] = b.detach().to(torch.float32).contiguous()
-        self.lora_sb_A[name] = a.detach().to(torch.float32).contiguous()
-        weight = self.lora_sb_R[name].weight
-        weight.data = (rmat.detach().to(torch.float32) / self.scaling[name]).to(weight.device)
-        if subtract:
-            self.lora_sb_R0[name] = weight.data.clone()
-
-    def set_factors(
-        self,
-        adapter_name: str,
-        b: torch.Tensor,
-        rmat: torch.Tensor,
-        a: torch.Tensor,
-        subtract_init: bool,
-    ) -> None:
-        """Install gradient-init factors so that ``s B R A == b @ rmat @ a`` (shapes are validated)."""
+    def _checked(self, adapter_name: str, b: torch.Tensor, rmat: torch.Tensor, a: torch.Tensor):
+        """Validate the shapes of gradient-init factors ``(B, R, A)`` for this layer and adapter."""
         r = self.r[adapter_name]
         expected = {"B": (self.out_features, r), "R": (r, r), "A": (r, self.in_features)}
         for label, tensor in zip("BRA", (b, rmat, a)):
@@ -81,8 +71,32 @@ class LoraSBLayer(OrthoLayer):
                     f"LoRA-SB factor {label} for '{self.module_name}' has shape {tuple(tensor.shape)}, "
                     f"expected {expected[label]}"
                 )
-        device = self.lora_sb_R[adapter_name].weight.device
-        self._store(adapter_name, b.to(device), rmat.to(device), a.to(device), subtract_init)
+        return b, rmat, a
+
+    @torch.no_grad()
+    def set_factors(
+        self,
+        adapter_name: str,
+        b: torch.Tensor,
+        rmat: torch.Tensor,
+        a: torch.Tensor,
+        subtract_init: bool,
+    ) -> None:
+        """Install gradient-init factors so that ``s B R A == b @ rmat @ a`` (shapes are validated).
+
+        ``R`` is updated in place (an optimizer holding it keeps working); ``B``, ``A`` keep their dtype.
+        """
+        b, rmat, a = self._checked(adapter_name, b, rmat, a)
+        weight = self.lora_sb_R[adapter_name].weight
+        stored = rmat.to(weight.device, torch.float32) / self.scaling[adapter_name]
+        weight.copy_(stored)
+        for container, value in ((self.lora_sb_B, b), (self.lora_sb_A, a)):
+            old = container[adapter_name]
+            container[adapter_name] = value.detach().to(old.device, old.dtype).contiguous()
+        if subtract_init:
+            self.lora_sb_R0[adapter_name] = stored.to(weight.dtype).clone()
+        elif adapter_name in self.lora_sb_R0:
+            del self.lora_sb_R0[adapter_name]
 
     def _offset(self, adapter_name: str) -> Optional[torch.Tensor]:
         return self.lora_sb_R0[adapter_name] if adapter_name in self.lora_sb_R0 else None
@@ -99,4 +113,5 @@ class LoraSBLayer(OrthoLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s * B (R - R0) A`` in fp32."""
         rmat, s = self.lora_sb_R[adapter_name].middle(self.scaling[adapter_name], self._offset(adapter_name))
-        return (self.lora_sb_B[adapter_name] @ rmat.detach().float() @ self.lora_sb_A[adapter_name]) * s
+        b, a = self.lora_sb_B[adapter_name].float(), self.lora_sb_A[adapter_name].float()
+        return (b @ rmat.detach().float() @ a) * s
