@@ -34,7 +34,9 @@ class DispatchLog(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in MATMULS:
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            self.matmuls.append((name, tuple(t.dtype for t in tensors), tuple(tuple(t.shape) for t in tensors)))
+            self.matmuls.append(
+                (name, tuple(t.dtype for t in tensors), tuple(tuple(t.shape) for t in tensors))
+            )
         if name == "_to_copy" and isinstance(out, torch.Tensor):
             self.casts.append((args[0].dtype, out.dtype, tuple(out.shape)))
         return out

@@ -72,7 +72,9 @@ class OrthoAdapterConfig(PeftConfig):
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}")
         allowed_bias = ("none", "all", self.PEFT_TYPE_NAME.lower() + "_only")
         if self.bias not in allowed_bias:
-            raise ValueError(f"`bias` must be one of {allowed_bias} for {type(self).__name__}, got {self.bias!r}")
+            raise ValueError(
+                f"`bias` must be one of {allowed_bias} for {type(self).__name__}, got {self.bias!r}"
+            )
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"`init_weights` must be True or False, got {self.init_weights!r}")
         if self.layers_pattern and self.layers_to_transform is None:

@@ -105,7 +105,7 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
             )
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's additive contribution for input ``x`` (in the adapter's dtype, or any under autocast)."""
+        """The adapter's additive contribution for ``x`` (adapter's dtype; any dtype under autocast)."""
         raise NotImplementedError
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:

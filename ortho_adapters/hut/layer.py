@@ -86,7 +86,7 @@ class HUTLayer(OrthoLayer):
     def _compute_weight(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.dtype]:
         """The (out, in) base weight (a view, or dequantized), the base bias and the GEMM dtype.
 
-        The GEMM dtype is the autocast dtype under autocast, else the base weight's (fp32 for quantized bases).
+        The GEMM dtype: the autocast dtype under autocast, else the base weight's (fp32 for quantized bases).
         """
         base = self.get_base_layer()
         bias = getattr(base, "bias", None)

@@ -45,8 +45,8 @@ class LoLDUConfig(OrthoAdapterConfig):
         train_sigma: also train the scalar ``sigma`` (initialized at ``sigma0``; one more value per matrix).
             The official workflow trains only ``z``.
         store_factors: save ``PL_r`` and ``U_r`` with the adapter (twice the size of the adapted weights at
-            full rank). Default ``False``: the file holds ``z``, ``z0`` and a fingerprint of the base weight and
-            of the LU pivoting; the factors are rebuilt at load and a base that does not match is refused.
+            full rank). Default ``False``: the file holds ``z``, ``z0`` and a fingerprint of the base weight
+            and of the LU pivoting; the factors are rebuilt at load and a base that does not match is refused.
         init_weights: ``False`` adds noise of the pivots' size to ``z`` (a random, non-identity start).
     """
 

@@ -66,13 +66,17 @@ class LoLDULayer(OrthoLayer):
         z0 = z if config.init in BASE_START_INITS else factors.d_r
         if not config.init_weights:  # PEFT's convention: a random, non-identity start
             z = z + factors.d_r.abs() * torch.randn_like(z)
-        self.loldu_z[adapter_name] = DiagonalScale(z, self.scaling[adapter_name] if config.train_sigma else None)
+        self.loldu_z[adapter_name] = DiagonalScale(
+            z, self.scaling[adapter_name] if config.train_sigma else None
+        )
         self.loldu_PL.put(adapter_name, factors.pl_r, persistent=config.store_factors)
         self.loldu_U.put(adapter_name, factors.u_r, persistent=config.store_factors)
         self.loldu_z0[adapter_name] = z0.clone()
         self.loldu_fingerprint[adapter_name] = fingerprint(weight, factors.pivots)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ):
         """Refuse an adapter saved on another base weight (or another LU) before anything is copied."""
         for name in self.loldu_fingerprint:
             saved = state_dict.get(f"{prefix}loldu_fingerprint.{name}")
@@ -82,11 +86,14 @@ class LoLDULayer(OrthoLayer):
             if saved.shape != own.shape or not torch.equal(saved.to(own.device, own.dtype), own):
                 which = "base weight" if not torch.equal(saved[:32].cpu(), own[:32].cpu()) else "LU pivoting"
                 raise ValueError(
-                    f"LoLDU adapter '{name}' of layer '{self.module_name}' was saved for a different {which}: "
-                    "its frozen factors are rebuilt from the base weight at load, so it must be loaded onto the "
-                    "exact base model it was trained on (or saved with LoLDUConfig(store_factors=True))."
+                    f"LoLDU adapter '{name}' of layer '{self.module_name}' was saved for a different "
+                    f"{which}: its frozen factors are rebuilt from the base weight at load, so it must be "
+                    "loaded onto the exact base model it was trained on (or saved with "
+                    "LoLDUConfig(store_factors=True))."
                 )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         return self.loldu_z[adapter_name](

@@ -51,7 +51,11 @@ class LoraSBLayer(OrthoLayer):
                     "or a saved adapter is loaded.",
                     stacklevel=2,
                 )
-            b, rmat, a = torch.zeros(self.out_features, r), torch.zeros(r, r), torch.zeros(r, self.in_features)
+            b, rmat, a = (
+                torch.zeros(self.out_features, r),
+                torch.zeros(r, r),
+                torch.zeros(r, self.in_features),
+            )
         self.lora_sb_B[adapter_name] = b.detach().to(torch.float32).contiguous()
         self.lora_sb_A[adapter_name] = a.detach().to(torch.float32).contiguous()
         stored = rmat.detach().to(torch.float32) / self.scaling[adapter_name]
