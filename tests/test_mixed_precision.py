@@ -185,3 +185,23 @@ def test_trainer_bf16_trains(method, base_dtype, tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in after.items())
     base = [p for n, p in model.named_parameters() if "base_layer" in n]
     assert base and all(p.dtype == base_dtype and not p.requires_grad for p in base)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_autocast_on_a_4bit_base(method):
+    """QLoRA-style: bitsandbytes nf4 base, fp32 adapter, bf16 autocast; against the same model in fp32."""
+    from test_conformance import _quantize_mlp_layer
+
+    case = MODEL_CASES["mlp"]
+    base = case.model()
+    base.lin0 = _quantize_mlp_layer(base.lin0, 4)
+    base.lin1 = _quantize_mlp_layer(base.lin1, 4)
+    torch.manual_seed(0)
+    model = get_peft_model(base, METHOD_CASES[method].make_config(case.targets, init_weights=False))
+    model.train()
+    ref_logits, ref_grads = _run(model, _batch(torch.float32), autocast=False)
+    logits, grads = _run(model, _batch(torch.float32), autocast=True)
+    torch.testing.assert_close(logits, ref_logits, rtol=5e-2, atol=5e-2)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+        assert (grad - ref_grads[name]).norm() <= 0.15 * ref_grads[name].norm(), name
