@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import ortho_adapters  # noqa: E402  (registers LORA_SB, LOLDU, HUT with PEFT)
-from ortho_adapters.finetune import FinetuneArgs, build_classifier, load_task  # noqa: E402
+from ortho_adapters.jobs.args import FinetuneArgs  # noqa: E402
+from ortho_adapters.jobs.encoder import build_classifier, load_task  # noqa: E402
 
 
 def main() -> None:
@@ -28,8 +29,14 @@ def main() -> None:
         modules_to_save=["classifier"],
     )
     model = build_classifier(seed=0)
-    # LoRA-SB's init: B, R, A from the truncated SVD of the estimated first update -eta * sign(grad)
-    ortho_adapters.initialize_lora_sb(model, DataLoader(data["train"], batch_size=16), config=config, lr=1e-4)
+    # LoRA-SB's init: B, R, A from the truncated SVD of the estimated first update -eta * sign(grad).
+    # eta is the FIRST optimizer step's learning rate (with warm-up: learning_rate / warmup_steps), not the
+    # training learning rate: pass it as step_size=, or let it be derived with learning_rate= + warmup_steps=
+    # or training_args=. It warns if the factors raise the loss on its batches (eta too large).
+    init = ortho_adapters.initialize_lora_sb(
+        model, DataLoader(data["train"], batch_size=16), config=config, step_size=1e-4
+    )
+    print(f"LoRA-SB init: eta {init.step_size:.3g}, loss {init.loss_before:.4f} -> {init.loss_after:.4f}")
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
 

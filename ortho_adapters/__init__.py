@@ -5,6 +5,7 @@ implemented method, so ``get_peft_model``, ``save_pretrained`` and ``PeftModel.f
 work with the configs below exactly as with PEFT's own methods.
 """
 
+from .fedsvd import FedSVDConfig, FedSVDModel
 from .hut import HUTConfig, HUTModel
 from .loldu import LoLDUConfig, LoLDUModel
 from .lora_sb import LoraSBConfig, LoraSBModel, initialize_lora_sb
@@ -14,6 +15,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PEFT_TYPES",
+    "FedSVDConfig",
+    "FedSVDModel",
     "HUTConfig",
     "HUTModel",
     "LoLDUConfig",

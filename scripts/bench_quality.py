@@ -26,7 +26,8 @@ DEFAULT_METHODS = "lora,lora_xs,lora_sb,loldu,vera,tinylora,hut,hira"
 
 def worker(args: argparse.Namespace) -> None:
     """Train one cell and print its result as one JSON line."""
-    from ortho_adapters.finetune import FinetuneArgs, load_task, train_method
+    from ortho_adapters.jobs.args import FinetuneArgs
+    from ortho_adapters.jobs.encoder import load_task, train_method
 
     ft = FinetuneArgs(
         method=args.method,

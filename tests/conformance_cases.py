@@ -41,4 +41,10 @@ METHOD_CASES: dict[str, MethodCase] = {
         lambda shapes, cfg: len(shapes) * (cfg.r + int(cfg.train_sigma)),
         trainer_lr=0.3,  # only r diagonal values per matrix (sigma = 1/r): r=8 and a large step move the loss
     ),
+    "fedsvd": MethodCase(
+        "fedsvd",
+        lambda targets, **kw: ortho_adapters.FedSVDConfig(target_modules=list(targets), **{"r": 4, **kw}),
+        lambda shapes, cfg: sum(m * cfg.r for m, _ in shapes),
+        trainer_lr=0.3,  # only B trains (A frozen orthonormal): plain LoRA-B-sized steps
+    ),
 }

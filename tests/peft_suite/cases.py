@@ -30,6 +30,7 @@ METHODS: dict[str, Method] = {
     "lora_sb": Method("lora_sb", "LoRA-SB", "LoraSBConfig", 4),
     "loldu": Method("loldu", "LoLDU", "LoLDUConfig", 8),
     "hut": Method("hut", "HUT", "HUTConfig", 4),
+    "fedsvd": Method("fedsvd", "FedSVD", "FedSVDConfig", 4),
 }
 
 # PEFT 0.21.2's DeLoRA rows of TEST_CASES: (test_name, model_id, config_kwargs).

@@ -17,7 +17,7 @@ from .pairing import TestId
 
 @dataclass(frozen=True)
 class NotApplicable:
-    method: str  # "lora_sb", "loldu" or "hut"
+    method: str  # a key of cases.METHODS: "lora_sb", "loldu", "hut", "fedsvd"
     test: str  # fnmatch pattern on the test function's name
     reason: str  # why the method cannot, by its nature
     params: str = "*"  # fnmatch pattern on the parameter id, e.g. "*default r*"

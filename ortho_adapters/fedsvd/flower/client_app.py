@@ -1,0 +1,108 @@
+"""Flower ``ClientApp``: local training of the arm's trainable tensors, DP-SGD with a run-long accountant.
+
+Receives the global adapter state (FedSVD: ``A`` and ``B`` of every layer) and the run settings; replies with
+the trainable tensors only (FedSVD / FFA-LoRA: ``B``, plus the head when it is trained; FedAvg-LoRA: ``A``
+and ``B``), the example count and, under DP, its privacy report. The client's accountant history lives in
+``context.state`` (kept by Flower across rounds), so its epsilon accumulates over the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..privacy import ClientPrivacy
+from ..task import client_dataset, frozen_key, loss_of, tokenized_splits
+from ..training import local_train
+from .settings import FedSettings
+from .state import adapter_state, cached_model, load_adapter_state
+
+PRIVACY_STATE = "fedsvd-privacy"
+app = ClientApp()
+
+
+def partition_of(context: Context) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config (simulation, or ``--node-config``)."""
+    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def load_privacy(context: Context) -> ClientPrivacy | None:
+    """This node's run-long privacy state, if it has one."""
+    if PRIVACY_STATE not in context.state:
+        return None
+    return ClientPrivacy.from_state(json.loads(context.state[PRIVACY_STATE]["json"]))
+
+
+def save_privacy(context: Context, privacy: ClientPrivacy) -> None:
+    context.state[PRIVACY_STATE] = ConfigRecord({"json": json.dumps(privacy.state_dict())})
+
+
+def round_seed(seed: int, partition: int, server_round: int) -> int:
+    return zlib.crc32(f"{seed}/{partition}/{server_round}".encode())
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer the server's question "which partition are you?" (used for seeded client sampling)."""
+    partition, num_partitions = partition_of(context)
+    content = RecordDict(
+        {"metrics": MetricRecord({"partition-id": partition, "num-partitions": num_partitions})}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training (see module docstring)."""
+    config = msg.content["config"]
+    settings = FedSettings.from_mapping(config)
+    server_round = int(config["server-round"])
+    partition, num_partitions = partition_of(context)
+    train_set, _ = tokenized_splits(settings.n_train, settings.n_eval, settings.max_length, settings.seed)
+    dataset = client_dataset(
+        train_set, partition, num_partitions, settings.dirichlet_alpha, settings.seed, settings.batch_size
+    )
+    model = cached_model(settings.spec)
+    load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
+
+    privacy = None
+    trained = True
+    if settings.dp is not None:
+        privacy = load_privacy(context) or ClientPrivacy.create(
+            settings.dp, len(dataset), settings.batch_size, settings.planned_steps
+        )
+        trained = privacy.can_train(settings.local_steps)
+    losses: list[float] = []
+    if trained:
+        losses = local_train(
+            model,
+            dataset,
+            settings.local_steps,
+            settings.batch_size,
+            settings.lr,
+            loss_of,
+            seed=round_seed(settings.seed, partition, server_round),
+            privacy=privacy,
+            momentum=settings.momentum,
+        )
+    if privacy is not None:
+        (privacy.rounds if trained else privacy.skipped).append(server_round)
+        save_privacy(context, privacy)
+
+    sent = {k: v for k, v in adapter_state(model).items() if not frozen_key(settings.arm, k)}
+    finite = [x for x in losses if x == x]
+    metrics = {
+        "num-examples": len(dataset),
+        "partition-id": partition,
+        "trained": int(trained),
+        "train-loss": sum(finite) / len(finite) if finite else 0.0,
+    }
+    content = RecordDict(
+        {"arrays": ArrayRecord.from_torch_state_dict(sent), "metrics": MetricRecord(metrics)}
+    )
+    if privacy is not None:
+        content["privacy"] = ConfigRecord({"json": json.dumps(privacy.report())})
+    return Message(content=content, reply_to=msg)

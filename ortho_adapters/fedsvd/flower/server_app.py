@@ -1,0 +1,228 @@
+"""Flower ``ServerApp``: FedSVD's server step (or a control arm's average) as a ``FedAvg`` subclass.
+
+Each round the strategy samples ``clients_per_round`` of the connected nodes (seeded), sends them the full
+global adapter state and the settings, validates every reply (a malformed or non-finite update, or one that
+touches a frozen tensor, is rejected with an error naming the client and the tensor) and aggregates the
+replies of the clients that trained: FedSVD = :func:`ortho_adapters.fedsvd.aggregate` (average ``B``, SVD of
+``B_avg A``), FFA-LoRA = average ``B`` (``A`` fixed), FedAvg-LoRA = average ``A`` and ``B``. After every round
+the global adapter is evaluated on the held-out split; the run's JSON report records per-round accuracy
+and, per client, the rounds it trained and its privacy accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections.abc import Iterable
+from logging import INFO
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from ..task import accuracy, frozen_key, server_step, tokenized_splits
+from .settings import FedSettings
+from .state import cached_model, initial_state, load_adapter_state
+
+
+class FedSVDStrategy(FedAvg):
+    """Seeded client sampling, validated aggregation with the arm's server step, per-client bookkeeping."""
+
+    def __init__(self, settings: FedSettings, global_state: dict[str, torch.Tensor]):
+        super().__init__(
+            fraction_train=settings.clients_per_round / settings.num_clients,
+            fraction_evaluate=0.0,
+            min_train_nodes=settings.clients_per_round,
+            min_available_nodes=settings.num_clients,
+        )
+        self.settings = settings
+        self.global_state = {k: v.clone() for k, v in global_state.items()}
+        self.sent_keys = sorted(k for k in global_state if not frozen_key(settings.arm, k))
+        self.round_log: dict[int, dict[str, Any]] = {}
+        self.clients: dict[int, dict[str, Any]] = {}
+        self.node_of: Optional[dict[int, int]] = None
+
+    def partitions(self, grid: Grid) -> dict[int, int]:
+        """``partition-id -> node id`` of all nodes (asked once with a QUERY message, once all connected)."""
+        if self.node_of is not None:
+            return self.node_of
+        deadline = time.monotonic() + self.settings.node_wait_s
+        while len(nodes := sorted(grid.get_node_ids())) < self.settings.num_clients:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of {self.settings.num_clients} nodes connected")
+            time.sleep(1.0)
+        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        node_of = {}
+        for reply in grid.send_and_receive(queries, timeout=self.settings.node_wait_s):
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} did not answer: {reply.error.reason}")
+            node_of[int(reply.content["metrics"]["partition-id"])] = reply.metadata.src_node_id
+        if sorted(node_of) != list(range(self.settings.num_clients)):
+            raise RuntimeError(
+                f"expected partitions 0..{self.settings.num_clients - 1}, got {sorted(node_of)}"
+            )
+        self.node_of = node_of
+        return node_of
+
+    def sample(self, grid: Grid, server_round: int) -> list[int]:
+        """Node ids of ``clients_per_round`` partitions drawn with a per-round seed: every arm of an
+        experiment trains the same clients in the same rounds (a paired comparison)."""
+        node_of = self.partitions(grid)
+        rng = random.Random(self.settings.seed * 100_003 + server_round)
+        chosen = sorted(rng.sample(sorted(node_of), self.settings.clients_per_round))
+        self.round_log[server_round] = {"round": server_round, "clients_sampled": chosen}
+        return [node_of[p] for p in chosen]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the global state (``A`` and ``B``) and the settings to the sampled nodes."""
+        self.global_state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+        record = ConfigRecord({**self.settings.to_record(), "server-round": server_round})
+        content = RecordDict({"arrays": arrays, "config": record})
+        nodes = self.sample(grid, server_round)
+        return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        """Validate the replies and apply the arm's server step to those that trained."""
+        states, counts, names, losses = [], [], [], []
+        errors, refused = [], []
+        for msg in replies:
+            if msg.has_error():
+                errors.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+                continue
+            metrics = msg.content["metrics"]
+            partition = int(metrics["partition-id"])
+            name = f"client {partition} (node {msg.metadata.src_node_id})"
+            info = self.clients.setdefault(partition, {"rounds_trained": [], "rounds_refused": []})
+            if "privacy" in msg.content:
+                info["privacy"] = json.loads(msg.content["privacy"]["json"])
+            if not int(metrics["trained"]):
+                info["rounds_refused"].append(server_round)
+                refused.append(partition)
+                continue
+            sent = msg.content["arrays"].to_torch_state_dict()
+            if sorted(sent) != self.sent_keys:
+                extra, missing = (
+                    sorted(set(sent) - set(self.sent_keys)),
+                    sorted(set(self.sent_keys) - set(sent)),
+                )
+                raise ValueError(
+                    f"{name}: sent tensors differ from the trainable ones (missing {missing}, "
+                    f"unexpected {extra})"
+                )
+            states.append({**self.global_state, **sent})
+            counts.append(int(metrics["num-examples"]))
+            names.append(name)
+            losses.append(float(metrics["train-loss"]))
+            info["rounds_trained"].append(server_round)
+        if errors:
+            raise RuntimeError(f"round {server_round}: client failures: {errors}")
+        entry = self.round_log[server_round]
+        entry.update({"clients_trained": len(states), "clients_refused": refused})
+        if not states:
+            log(
+                INFO,
+                "round %s: no client trained (privacy budgets spent); global state unchanged",
+                server_round,
+            )
+            return None, None
+        new_state = server_step(self.settings.arm)(self.global_state, states, counts, client_names=names)
+        self.global_state = new_state
+        mean_loss = sum(c * x for c, x in zip(counts, losses)) / sum(counts)
+        entry["train_loss"] = mean_loss
+        return ArrayRecord.from_torch_state_dict(new_state), MetricRecord({"train-loss": mean_loss})
+
+
+def run_server(grid: Grid, settings: FedSettings) -> dict[str, Any]:
+    """Run ``settings.rounds`` rounds on ``grid``, print per-round progress, write and return the report."""
+    model = cached_model(settings.spec)
+    initial = initial_state(settings.spec)
+    _, test_set = tokenized_splits(settings.n_train, settings.n_eval, settings.max_length, settings.seed)
+    strategy = FedSVDStrategy(settings, initial)
+    label = f"{settings.arm} eps={settings.epsilon or 'none'}"
+    start = time.perf_counter()
+    accuracies: dict[int, float] = {}
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_adapter_state(model, arrays.to_torch_state_dict())
+        acc = accuracy(model, test_set)
+        accuracies[server_round] = acc
+        if settings.progress:
+            entry = strategy.round_log.get(server_round, {})
+            eps = [c["privacy"]["epsilon"] for c in strategy.clients.values() if "privacy" in c]
+            extra = f"  max eps {max(eps):.2f}" if eps else ""
+            trained = (
+                f"  trained {entry.get('clients_trained', 0)}/{len(entry.get('clients_sampled', []))}"
+                if entry
+                else ""
+            )
+            print(
+                f"[{label}] round {server_round}/{settings.rounds}  held-out acc {acc:.4f}{trained}{extra}  "
+                f"({time.perf_counter() - start:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return MetricRecord({"accuracy": acc})
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord.from_torch_state_dict(initial),
+        num_rounds=settings.rounds,
+        evaluate_fn=evaluate,
+    )
+    report = build_report(settings, strategy, accuracies, time.perf_counter() - start)
+    if settings.report:
+        path = Path(settings.report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def build_report(
+    settings: FedSettings, strategy: FedSVDStrategy, accuracies: dict[int, float], seconds: float
+) -> dict[str, Any]:
+    """The run's JSON report: settings, per-round accuracy, per-client training and privacy."""
+    rounds = []
+    for r in range(settings.rounds + 1):
+        entry = dict(strategy.round_log.get(r, {"round": r}))
+        entry["accuracy"] = accuracies.get(r)
+        rounds.append(entry)
+    clients = {}
+    for partition, info in sorted(strategy.clients.items()):
+        item = {"rounds_trained": info["rounds_trained"], "rounds_refused": info["rounds_refused"]}
+        item["steps"] = len(info["rounds_trained"]) * settings.local_steps
+        if "privacy" in info:
+            item.update(
+                {k: v for k, v in info["privacy"].items() if k not in ("rounds_trained", "rounds_refused")}
+            )
+        clients[str(partition)] = item
+    return {
+        "settings": settings.to_record(),
+        "final_accuracy": accuracies.get(settings.rounds),
+        "rounds": rounds,
+        "clients": clients,
+        "seconds": seconds,
+    }
+
+
+def make_server_app(settings: Optional[FedSettings] = None) -> ServerApp:
+    """A ServerApp running ``settings``, or (``None``) the settings of the run config (deployment)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, settings or FedSettings.from_mapping(context.run_config))
+
+    return server
+
+
+app = make_server_app()
