@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The causal-LM experiment: SmolLM2-135M-Instruct on Rotten Tomatoes, 512 train / 200 held out, 1 epoch,
 # one arm per process (so each arm's peak RSS is its own), fp32 base then a 4-bit nf4 base.
-# Resumable: an arm already started (by this or a concurrent run of the script) is skipped.
+# Resumable: an arm with results is skipped, and so is one another live run of this script is running.
 # Usage: bash scripts/causal_lm_rotten_tomatoes.sh [OUT [LABEL,LABEL,...]]  (the labels: which arms, in that order)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,12 +32,20 @@ fi
 for arm in "${ARMS[@]}"; do
   label="${arm%%|*}"; flags="${arm#*|}"
   dir="$OUT/$label"
+  [ -f "$dir/results.json" ] && { echo "skip $label (done)"; continue; }
+  # a lock folder (mkdir is atomic) lets several runs of this script share the arms; a lock whose
+  # process is gone (an interrupted run) is taken over
+  lock="$OUT/$label.lock"
   mkdir -p "$OUT"
-  # mkdir is atomic: the first run to create the arm's folder runs it, any other skips it
-  mkdir "$dir" 2>/dev/null || { echo "skip $label (started elsewhere)"; continue; }
+  if ! mkdir "$lock" 2>/dev/null; then
+    owner="$(cat "$lock/pid" 2>/dev/null || true)"
+    if [ -n "$owner" ] && kill -0 "$owner" 2>/dev/null; then echo "skip $label (running in $owner)"; continue; fi
+  fi
+  echo $$ > "$lock/pid"
   echo "=== $(date -u +%H:%M:%S) $label: ortho-adapters finetune ${COMMON[*]} $flags --output-dir $dir"
   # shellcheck disable=SC2086
   .venv/bin/ortho-adapters finetune "${COMMON[@]}" $flags --output-dir "$dir" > "$OUT/$label.log" 2>&1 \
     || echo "FAILED $label (see $OUT/$label.log)"
   grep -A3 "^| arm" "$OUT/$label.log" | tail -1
+  rm -rf "$lock"
 done

@@ -17,7 +17,7 @@ import torch
 from conformance_cases import METHOD_CASES
 from peft import get_peft_model
 from safetensors.torch import load_file
-from tiny_models import MODEL_CASES, logits
+from tiny_models import MODEL_CASES, logits, tiny_lm_trainer
 from torch import nn
 
 from ortho_adapters.core import OrthoLayer
@@ -247,29 +247,12 @@ def test_bnb_quantized_base_on_cpu(method, bits):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_trainer_loss_falls(method, tmp_path):
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-
     case = MODEL_CASES["llama"]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 128, (8, 16), generator=g)
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     model = get_peft_model(
         case.model(),
         METHOD_CASES[method].make_config(case.targets + ("o_proj", "gate_proj", "up_proj", "down_proj")),
     )
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        max_steps=12,
-        learning_rate=METHOD_CASES[method].trainer_lr,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer = tiny_lm_trainer(model, str(tmp_path), METHOD_CASES[method].trainer_lr, steps=12, batch_size=8)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 12

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conformance_cases import METHOD_CASES
 from peft import get_peft_model
-from tiny_models import MODEL_CASES
+from tiny_models import MODEL_CASES, tiny_lm_trainer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 METHODS = sorted(METHOD_CASES)
@@ -155,28 +155,11 @@ def test_fp32_without_autocast_stays_fp32(method):
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", METHODS)
 def test_trainer_bf16_trains(method, base_dtype, tmp_path):
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-
     case = MODEL_CASES["llama"]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 128, (8, 16), generator=g)
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     model = get_peft_model(case.model().to(base_dtype), METHOD_CASES[method].make_config(case.targets))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=METHOD_CASES[method].trainer_lr,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=True,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=data)
+    lr = METHOD_CASES[method].trainer_lr
+    trainer = tiny_lm_trainer(model, str(tmp_path), lr, steps=3, batch_size=4, bf16=True)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))

@@ -84,3 +84,26 @@ MODEL_CASES = {
 def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(**batch)
     return out["logits"] if isinstance(out, dict) else out.logits
+
+
+def tiny_lm_trainer(model: nn.Module, output_dir: str, lr: float, steps: int, batch_size: int, **kwargs):
+    """A ``Trainer`` on 8 seeded random token sequences (labels = inputs), logging every step, on the CPU."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (8, 16), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        max_steps=steps,
+        learning_rate=lr,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        **kwargs,
+    )
+    return Trainer(model=model, args=args, train_dataset=data)

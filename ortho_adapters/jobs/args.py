@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from .methods import CAUSAL_LM, ENCODER
@@ -91,3 +92,31 @@ def resolve(args: FinetuneArgs) -> FinetuneArgs:
     filled = {k: v for k, v in MODEL_DEFAULTS[args.model].items() if getattr(args, k) is None}
     quantize = None if args.quantize == "none" else args.quantize
     return dataclasses.replace(args, quantize=quantize, **filled)
+
+
+def training_arguments(args: FinetuneArgs, name: str, lr: float, warmup_steps: int, **overrides: Any):
+    """The ``TrainingArguments`` every finetune arm trains with (linear schedule, no checkpoints saved).
+
+    ``overrides`` adds or replaces keywords (e.g. ``logging_steps``, activation checkpointing).
+    """
+    import torch
+    from transformers import TrainingArguments
+
+    keywords: dict[str, Any] = dict(
+        output_dir=str(Path(args.output_dir) / "trainer" / name),
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=warmup_steps,
+        weight_decay=0.0,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        remove_unused_columns=False,
+        disable_tqdm=not args.progress,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+    )
+    keywords.update(overrides)
+    return TrainingArguments(**keywords)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import data
-from .args import FinetuneArgs, resolve
+from .args import FinetuneArgs, resolve, training_arguments
 from .encoder import adapter_parameter_count, warmup_steps_for
 from .lm_tasks import LMExample, get_task, load_examples
 from .methods import CAUSAL_LM, ZEROSHOT, get_method, gradient_init
@@ -102,7 +102,7 @@ def train_arm(
     args: FinetuneArgs,
 ) -> tuple[nn.Module, dict]:
     """Build arm ``name``'s adapter (LoRA-SB: gradient init first) and train it with ``Trainer``."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     spec = get_method(name)
     r, lr = spec.defaults(CAUSAL_LM)
@@ -124,23 +124,8 @@ def train_arm(
         init_info = gradient_init(model, loader, config, args.init_samples, lr, warmup_steps, args.progress)
     model = get_peft_model(model, config)
     init_seconds = time.perf_counter() - start
-    training_args = TrainingArguments(
-        output_dir=str(Path(args.output_dir) / "trainer" / name),
-        per_device_train_batch_size=args.batch_size,
-        num_train_epochs=args.epochs,
-        learning_rate=lr,
-        lr_scheduler_type="linear",
-        warmup_steps=warmup_steps,
-        weight_decay=0.0,
-        logging_steps=10,
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        remove_unused_columns=False,
-        disable_tqdm=not args.progress,
-        use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
-        **checkpointing_arguments(args.gradient_checkpointing),
+    training_args = training_arguments(
+        args, name, lr, warmup_steps, logging_steps=10, **checkpointing_arguments(args.gradient_checkpointing)
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=collator)
     train_start = time.perf_counter()

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .. import data
-from .args import FinetuneArgs, resolve
+from .args import FinetuneArgs, resolve, training_arguments
 from .methods import ENCODER, get_method, gradient_init
 from .report import RunResult
 
@@ -120,7 +120,7 @@ def warmup_steps_for(n_train: int, args: FinetuneArgs) -> int:
 
 def train_method(name: str, splits, args: FinetuneArgs, save_dir: Optional[Path] = None) -> RunResult:
     """Fine-tune one adapter method through ``Trainer`` and return held-out accuracy and cost."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     args = resolve(args)
     spec = get_method(name)
@@ -138,23 +138,8 @@ def train_method(name: str, splits, args: FinetuneArgs, save_dir: Optional[Path]
         model.train()
         init_info = gradient_init(model, loader, config, args.init_samples, lr, warmup_steps, args.progress)
     model = get_peft_model(model, config)
-    training_args = TrainingArguments(
-        output_dir=str(Path(args.output_dir) / "trainer" / name),
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=64,
-        num_train_epochs=args.epochs,
-        learning_rate=lr,
-        lr_scheduler_type="linear",
-        warmup_steps=warmup_steps,
-        weight_decay=0.0,
-        logging_steps=25,
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        remove_unused_columns=False,
-        disable_tqdm=not args.progress,
-        use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
+    training_args = training_arguments(
+        args, name, lr, warmup_steps, per_device_eval_batch_size=64, logging_steps=25
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=splits["train"])
     train_start = time.perf_counter()
