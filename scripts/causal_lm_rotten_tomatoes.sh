@@ -46,6 +46,6 @@ for arm in "${ARMS[@]}"; do
   # shellcheck disable=SC2086
   .venv/bin/ortho-adapters finetune "${COMMON[@]}" $flags --output-dir "$dir" > "$OUT/$label.log" 2>&1 \
     || echo "FAILED $label (see $OUT/$label.log)"
-  grep -A3 "^| arm" "$OUT/$label.log" | tail -1
+  grep -A2 "^| arm" "$OUT/$label.log" | tail -1
   rm -rf "$lock"
 done
