@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Optional
 
@@ -144,12 +144,18 @@ def _archive_members(archive: Path) -> Iterator[tuple[str, IO[bytes]]]:
                     yield member.name, fh
 
 
-def extract_tasks(archive: Path, tasks: tuple[str, ...], out: Path) -> list[PurePosixPath]:
-    """Copy the task.json files of ``tasks`` (and their subtasks) from ``archive`` into ``out``."""
+def extract_members(
+    archive: Path, out: Path, select: Callable[[str], Optional[PurePosixPath]]
+) -> list[PurePosixPath]:
+    """Copy the members of ``archive`` that ``select`` maps to a relative path into ``out``.
+
+    ``select`` returns the target path under ``out`` (or None to skip); a target that would land
+    outside ``out`` is refused.
+    """
     written = []
     root = out.resolve()
     for name, fh in _archive_members(archive):
-        rel = _member_target(name, tasks)
+        rel = select(name)
         if rel is None:
             continue
         target = (root / rel).resolve()
@@ -160,6 +166,11 @@ def extract_tasks(archive: Path, tasks: tuple[str, ...], out: Path) -> list[Pure
             shutil.copyfileobj(fh, dst)
         written.append(rel)
     return written
+
+
+def extract_tasks(archive: Path, tasks: tuple[str, ...], out: Path) -> list[PurePosixPath]:
+    """Copy the task.json files of ``tasks`` (and their subtasks) from ``archive`` into ``out``."""
+    return extract_members(archive, out, lambda name: _member_target(name, tasks))
 
 
 def _install_task_dirs(staging: Path, tasks: tuple[str, ...]) -> None:
@@ -239,19 +250,7 @@ def _peft_tests_member(name: str) -> Optional[PurePosixPath]:
 
 def _extract_peft_tests(archive: Path, out: Path) -> int:
     """Copy the ``tests/`` members of a PEFT sdist into ``out/tests``; return how many files."""
-    root, count = out.resolve(), 0
-    for name, fh in _archive_members(archive):
-        rel = _peft_tests_member(name)
-        if rel is None:
-            continue
-        target = (root / rel).resolve()
-        if root not in target.parents:
-            raise RuntimeError(f"refusing to extract {name!r} outside {root}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as dst:
-            shutil.copyfileobj(fh, dst)
-        count += 1
-    return count
+    return len(extract_members(archive, out, _peft_tests_member))
 
 
 def fetch_peft_tests(log: Optional[_Progress] = None) -> Path:

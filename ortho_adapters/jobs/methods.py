@@ -130,7 +130,7 @@ def gradient_init(
         progress=progress,
     )
     return {
-        "init_step_size": getattr(result, "step_size", None),
-        "init_loss_before": getattr(result, "loss_before", None),
-        "init_loss_after": getattr(result, "loss_after", None),
+        "init_step_size": result.step_size,
+        "init_loss_before": result.loss_before,
+        "init_loss_after": result.loss_after,
     }
