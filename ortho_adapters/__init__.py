@@ -5,10 +5,12 @@ implemented method, so ``get_peft_model``, ``save_pretrained`` and ``PeftModel.f
 work with the configs below exactly as with PEFT's own methods.
 """
 
+from .continual import OrthoLoraConfig, OrthoLoraModel
 from .fedsvd import FedSVDConfig, FedSVDModel
 from .hut import HUTConfig, HUTModel
 from .loldu import LoLDUConfig, LoLDUModel
 from .lora_sb import LoraSBConfig, LoraSBModel, initialize_lora_sb
+from .o3 import O3Config, O3Model
 from .registry import PEFT_TYPES
 
 __version__ = "0.1.0"
@@ -23,6 +25,10 @@ __all__ = [
     "LoLDUModel",
     "LoraSBConfig",
     "LoraSBModel",
+    "O3Config",
+    "O3Model",
+    "OrthoLoraConfig",
+    "OrthoLoraModel",
     "__version__",
     "initialize_lora_sb",
 ]

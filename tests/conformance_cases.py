@@ -47,4 +47,28 @@ METHOD_CASES: dict[str, MethodCase] = {
         lambda shapes, cfg: sum(m * cfg.r for m, _ in shapes),
         trainer_lr=0.3,  # only B trains (A frozen orthonormal): plain LoRA-B-sized steps
     ),
+    "o3": MethodCase(
+        "o3",
+        lambda targets, **kw: ortho_adapters.O3Config(
+            target_modules=list(targets), **{"r": 4, "gate": False, **kw}
+        ),
+        lambda shapes, cfg: sum(cfg.r * (m + n) for m, n in shapes),  # the current request's A and B
+        trainer_lr=0.05,  # plain LoRA (B = 0 start)
+    ),
+    "ortho_lora_subspace": MethodCase(
+        "ortho_lora_subspace",
+        lambda targets, **kw: ortho_adapters.OrthoLoraConfig(
+            target_modules=list(targets), **{"r": 4, "alpha": 4.0, **kw}
+        ),
+        lambda shapes, cfg: sum(m * cfg.r for m, _ in shapes),  # only the current task's B trains
+        trainer_lr=0.3,  # frozen orthonormal A and s = 1, like FedSVD
+    ),
+    "ortho_lora_olora": MethodCase(
+        "ortho_lora_olora",
+        lambda targets, **kw: ortho_adapters.OrthoLoraConfig(
+            target_modules=list(targets), **{"r": 4, "alpha": 4.0, "mode": "olora", **kw}
+        ),
+        lambda shapes, cfg: sum(cfg.r * (m + n) for m, n in shapes),  # the current task's A and B (LoRA)
+        trainer_lr=1.0,  # alpha = r (s = 1) keeps the 4-bit re-quantization error of perturbed A, B small
+    ),
 }

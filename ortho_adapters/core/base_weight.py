@@ -1,21 +1,25 @@
 """Reading and writing a tuner layer's base weight as an fp32 ``(out, in)`` matrix.
 
 Plain ``nn.Linear``, transformers' ``Conv1D`` (stored ``(in, out)``) and bitsandbytes 8/4-bit layers
-(through PEFT's quantization backends) all look the same to the methods.
+(through PEFT's quantization backends) all look the same to the methods. Under DeepSpeed ZeRO-3 a weight
+partitioned at load (``zero3_init_flag``) is gathered for the read, as PEFT does for its data-derived
+LoRA inits, so that SVD / LU inits see the full matrix.
 """
 
 from __future__ import annotations
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.integrations import gather_params_ctx
 
 
 def read_weight(layer: BaseTunerLayer) -> torch.Tensor:
     """Return a fresh fp32 ``(out_features, in_features)`` copy of the (dequantized) base weight."""
-    weight = layer.get_base_weight()
-    if layer.fan_in_fan_out:
-        weight = weight.t()
-    return weight.detach().to(torch.float32, copy=True)
+    with gather_params_ctx(layer.get_base_layer().weight, modifier_rank=None):  # no-op without ZeRO-3
+        weight = layer.get_base_weight()
+        if layer.fan_in_fan_out:
+            weight = weight.t()
+        return weight.detach().to(torch.float32, copy=True)
 
 
 def write_weight(layer: BaseTunerLayer, weight: torch.Tensor) -> None:

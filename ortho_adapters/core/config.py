@@ -56,6 +56,13 @@ class OrthoAdapterConfig(PeftConfig):
     )
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
+    use_kernels: bool = field(
+        default=True,
+        metadata={
+            "help": "Use the fused Triton kernels where they apply (CUDA, frozen-factor methods; see "
+            "ortho_adapters.kernels); False keeps the PyTorch path. Does not change results beyond rounding."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,5 +84,7 @@ class OrthoAdapterConfig(PeftConfig):
             )
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"`init_weights` must be True or False, got {self.init_weights!r}")
+        if not isinstance(self.use_kernels, bool):
+            raise ValueError(f"`use_kernels` must be True or False, got {self.use_kernels!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` needs `layers_to_transform` too")

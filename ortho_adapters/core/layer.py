@@ -30,6 +30,7 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..kernels.dispatch import fused_forward
 from .base_weight import read_weight, write_weight
 from .config import OrthoAdapterConfig
 
@@ -43,7 +44,7 @@ def is_supported_base(module: nn.Module) -> bool:
 
 
 # Per-adapter state every layer keeps; subclasses append their own names to ``other_param_names``.
-COMMON_NAMES: tuple[str, ...] = ("r", "scaling", "adapter_dropout")
+COMMON_NAMES: tuple[str, ...] = ("r", "scaling", "adapter_dropout", "use_kernels")
 
 
 class OrthoLayer(nn.Module, BaseTunerLayer):
@@ -67,6 +68,7 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         self.module_name: str = kwargs.get("module_name", "")
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
+        self.use_kernels: dict[str, bool] = {}  # per adapter: config.use_kernels (fused Triton path)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
@@ -112,6 +114,16 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         """fp32 ``(out, in)`` matrix ``W' - W`` of an additive adapter."""
         raise NotImplementedError
 
+    def frozen_factors(
+        self, adapter_name: str
+    ) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, float]]:
+        """``(A, M, B, s)`` with ``adapter_output(x) == s ((x A^T) M^T) B^T`` and ``A`` frozen, or ``None``.
+
+        ``M``: r x r, an r vector (diagonal) or ``None`` (identity). Methods of that form return it so that
+        :mod:`ortho_adapters.kernels` can fuse the layer on CUDA; ``None`` (default) keeps the PyTorch path.
+        """
+        return None
+
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """Return ``W'`` for fp32 base weight ``W`` (default ``W + delta``); must not modify ``weight``."""
         return weight + self.delta_weight(adapter_name)
@@ -131,6 +143,7 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         r = self.resolve_rank(config, self.out_features, self.in_features)
         self.check_rank(r, self.out_features, self.in_features, self.module_name)
         self.r[adapter_name] = r
+        self.use_kernels[adapter_name] = getattr(config, "use_kernels", True)
         self.adapter_dropout[adapter_name] = (
             nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         )
@@ -230,7 +243,13 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         return x.to(self.adapter_dtype(adapter_name))
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus each active adapter's contribution (cast to the output dtype)."""
+        """Base output plus each active adapter's contribution (cast to the output dtype).
+
+        On CUDA a frozen-factor adapter runs as one fused kernel instead (see ``ortho_adapters.kernels``).
+        """
+        fused = fused_forward(self, x, args, kwargs)
+        if fused is not None:
+            return fused
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)

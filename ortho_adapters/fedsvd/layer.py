@@ -68,6 +68,15 @@ class FedSVDLayer(OrthoLayer):
         u = x @ a.t()  # x is already in A's dtype, or autocast casts both
         return self.fedsvd_B[adapter_name](u) * self.scaling[adapter_name]
 
+    def frozen_factors(self, adapter_name: str):
+        """``(A, None, B, s)`` (identity middle) for the fused kernels (``ortho_adapters.kernels``)."""
+        return (
+            self.fedsvd_A[adapter_name],
+            None,
+            self.fedsvd_B[adapter_name].weight,
+            self.scaling[adapter_name],
+        )
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s B A`` in fp32."""
         b = self.fedsvd_B[adapter_name].weight.detach().float()

@@ -104,6 +104,11 @@ class LoLDULayer(OrthoLayer):
             self.loldu_z0[adapter_name],
         )
 
+    def frozen_factors(self, adapter_name: str):
+        """``(U_r, z - z0, PL_r, s)`` (diagonal middle) for the fused kernels (``ortho_adapters.kernels``)."""
+        m, s = self.loldu_z[adapter_name].middle(self.scaling[adapter_name], self.loldu_z0[adapter_name])
+        return self.loldu_U[adapter_name], m, self.loldu_PL[adapter_name], s
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``PL_r diag(sigma z - sigma0 z0) U_r`` in fp32."""
         m, s = self.loldu_z[adapter_name].middle(self.scaling[adapter_name], self.loldu_z0[adapter_name])

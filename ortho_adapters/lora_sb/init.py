@@ -247,6 +247,21 @@ class _GradientAccumulator:
         return self
 
 
+def _sum_over_processes(sums: dict[str, torch.Tensor]) -> None:
+    """Add up every process's ``G`` under ``torch.distributed`` (DDP, FSDP, DeepSpeed; a no-op otherwise).
+
+    Each process runs the gradient pass on its own batches; with the sums all-reduced every process
+    computes the same factors, those of one process that saw all the batches (``sign(G)`` and
+    ``G / ||G||`` are unchanged when every process saw the same batches). Every process must call
+    :func:`initialize_lora_sb` with the same targets.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for name in sorted(sums):
+        dist.all_reduce(sums[name])
+
+
 def _embeddings_require_grad(model: nn.Module, stack: ExitStack) -> None:
     """Make the input embeddings' output require grad (as transformers' ``enable_input_require_grads``).
 
@@ -521,6 +536,7 @@ def initialize_lora_sb(
         missing = sorted(set(bases) - set(accumulator.sums))
         if missing:
             raise ValueError(f"No gradient reached target modules {missing[:5]}: are they used by the loss?")
+        _sum_over_processes(accumulator.sums)
 
         for name, (_, layer) in tqdm(targets.items(), desc="LoRA-SB SVD", disable=not progress):
             r = layer.r[adapter_name] if layer is not None else config.r

@@ -114,6 +114,11 @@ class LoraSBLayer(OrthoLayer):
             self._offset(adapter_name),
         )
 
+    def frozen_factors(self, adapter_name: str):
+        """``(A, R - R0, B, s)``: the update as the fused kernels take it (``ortho_adapters.kernels``)."""
+        rmat, s = self.lora_sb_R[adapter_name].middle(self.scaling[adapter_name], self._offset(adapter_name))
+        return self.lora_sb_A[adapter_name], rmat, self.lora_sb_B[adapter_name], s
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s * B (R - R0) A`` in fp32."""
         rmat, s = self.lora_sb_R[adapter_name].middle(self.scaling[adapter_name], self._offset(adapter_name))

@@ -1,0 +1,421 @@
+"""Continual-learning benchmark: 4 real tasks in sequence, 3 orders, one shared output space, no task id.
+
+Model: all-MiniLM-L6-v2 (SmolLM2 is too slow for ~50 task trainings on a 2-core CPU). The lower
+``--cached-layers`` encoder layers stay frozen and unadapted, so their outputs are computed once per text
+and cached; every arm adapts the same linear layers of the top layers: query, key, value, the attention
+output and the FFN's input projection (all with 384 inputs). Shared output space: an example's score for
+each candidate answer text is the cosine between the mean-pooled embeddings of the input and of the
+candidate (both through the adapted encoder), divided by a temperature, trained with cross-entropy over the
+example's candidates (the label words for classification tasks, the example's options for multiple
+choice). No task-specific head, no task id.
+
+Arms: sequential LoRA (PEFT LoRA trained task after task), O-LoRA (``OrthoLoraConfig(mode="olora")``, its
+penalty in the loss), subspace (``OrthoLoraConfig(mode="subspace")``), PEFT ``osf`` (re-applied on the merged
+weights for each task, ``merge_and_unload`` between tasks; preserved rank grows per task) and multitask LoRA
+(all tasks' data at once: the upper reference, AA only).
+
+Metrics, with ``R[t][i]`` the test accuracy on task ``i`` after training task ``t`` (T tasks):
+AA = mean_i R[T-1][i]; BWT = mean_{i < T-1} (R[T-1][i] - R[i][i]) (Lopez-Paz & Ranzato, 2017).
+
+    OMP_NUM_THREADS=1 python scripts/continual_benchmark.py --output-dir outputs/continual
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, OSFConfig, get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from ortho_adapters import OrthoLoraConfig
+from ortho_adapters.continual import end_task, olora_penalty, start_task
+from ortho_adapters.data import load_bigbench_task, load_minilm, load_rotten_tomatoes
+
+TASKS = ("rotten_tomatoes", "intent_recognition", "vitaminc_fact_verification", "social_iqa")
+ORDERS = (
+    (0, 1, 2, 3),
+    (3, 2, 1, 0),
+    (1, 3, 0, 2),
+)
+ARMS = ("seq_lora", "olora", "subspace", "osf", "multitask_lora")
+# every linear layer of the adapted blocks whose input is the 384-dim hidden state (not the FFN's 1536->384
+# output projection: its 1536 x 1536 eigendecompositions would dominate the subspace arm's CPU time)
+TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
+
+
+@dataclass
+class Example:
+    text: str
+    candidates: list[str]
+    answer: int
+
+
+# ----------------------------------------------------------------------------------------------- data
+def load_task(name: str, n_train: int, n_test: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """``(train, test)`` examples of one task; test and train are disjoint random draws."""
+    if name == "rotten_tomatoes":
+        ds = load_rotten_tomatoes(n_train=n_train, n_eval=n_test, seed=seed)
+        words = ["negative", "positive"]
+        return tuple(
+            [Example(t, words, int(y)) for t, y in zip(ds[split]["text"], ds[split]["label"])]
+            for split in ("train", "test")
+        )
+    ds = load_bigbench_task(name)
+    order = list(range(len(ds)))
+    random.Random(seed).shuffle(order)
+    rows = ds.select(order[: n_test + n_train])
+    examples = [
+        Example(text.strip(), [c.replace("_", " ").strip().lower() for c in choices], int(answer))
+        for text, choices, answer in zip(rows["input"], rows["choices"], rows["answer"])
+    ]
+    return examples[n_test:], examples[:n_test]
+
+
+def run_layers(layers, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """BERT encoder layers with the additive padding mask BERT's eager attention uses."""
+    additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+    for layer in layers:
+        hidden = layer(hidden, additive)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden
+
+
+class FrozenLower:
+    """Embeddings and the lower encoder layers of MiniLM, run once per text (cached)."""
+
+    def __init__(self, bert: nn.Module, tokenizer, n_layers: int, max_length: int):
+        self.bert, self.tok, self.n_layers, self.max_length = bert, tokenizer, n_layers, max_length
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 64) -> None:
+        todo = sorted({t for t in texts if t not in self.cache})
+        for i in tqdm(range(0, len(todo), batch_size), desc="lower layers (cached)", leave=False):
+            chunk = todo[i : i + batch_size]
+            enc = self.tok(
+                chunk, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+            )
+            hidden = self.bert.embeddings(
+                input_ids=enc["input_ids"], token_type_ids=enc.get("token_type_ids")
+            )
+            hidden = run_layers(self.bert.encoder.layer[: self.n_layers], hidden, enc["attention_mask"])
+            for j, text in enumerate(chunk):
+                self.cache[text] = hidden[j, : int(enc["attention_mask"][j].sum())].clone()
+
+    def batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Padded ``hidden_states`` (B, L, d) and ``attention_mask`` (B, L) for ``texts``."""
+        seqs = [self.cache[t] for t in texts]
+        length = max(s.shape[0] for s in seqs)
+        hidden = torch.zeros(len(seqs), length, seqs[0].shape[1])
+        mask = torch.zeros(len(seqs), length, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            hidden[j, : s.shape[0]] = s
+            mask[j, : s.shape[0]] = 1
+        return {"hidden_states": hidden, "attention_mask": mask}
+
+
+class TopEncoder(nn.Module):
+    """Upper MiniLM layers on cached hidden states, mean-pooled ``forward(hidden_states, attention_mask)``."""
+
+    def __init__(self, layers: nn.ModuleList):
+        super().__init__()
+        self.layer = layers
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden_states = run_layers(self.layer, hidden_states, attention_mask)
+        mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def scores(model: nn.Module, lower: FrozenLower, examples: list[Example], temperature: float) -> torch.Tensor:
+    """``(B, max candidates)`` cosine / temperature scores, ``-inf`` where an example has fewer candidates."""
+    cands = sorted({c for ex in examples for c in ex.candidates})
+    index = {c: i for i, c in enumerate(cands)}
+    e_x = F.normalize(model(**lower.batch([ex.text for ex in examples])), dim=-1)
+    e_c = F.normalize(model(**lower.batch(cands)), dim=-1)
+    sim = e_x @ e_c.t() / temperature
+    width = max(len(ex.candidates) for ex in examples)
+    out = torch.full((len(examples), width), float("-inf"))
+    for j, ex in enumerate(examples):
+        out[j, : len(ex.candidates)] = sim[j, [index[c] for c in ex.candidates]]
+    return out
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, lower: FrozenLower, examples: list[Example], args) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(examples), args.eval_batch_size):
+        chunk = examples[i : i + args.eval_batch_size]
+        pred = scores(model, lower, chunk, args.temperature).argmax(-1)
+        correct += sum(int(p) == ex.answer for p, ex in zip(pred, chunk))
+    return correct / len(examples)
+
+
+def train(model: nn.Module, lower: FrozenLower, examples: list[Example], args, lr: float, seed: int,
+          penalty=None, desc: str = "") -> None:  # fmt: skip
+    """Plain AdamW loop over ``examples`` for ``args.epochs``; adds ``penalty(model)`` to the loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.train()
+    steps = args.epochs * math.ceil(len(examples) / args.batch_size)
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=args.no_progress)
+    for _ in range(args.epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order), args.batch_size):
+            chunk = [examples[j] for j in order[i : i + args.batch_size]]
+            logits = scores(model, lower, chunk, args.temperature)
+            loss = F.cross_entropy(logits, torch.tensor([ex.answer for ex in chunk]))
+            if penalty is not None:
+                loss = loss + penalty(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+
+
+def stats_batches(lower: FrozenLower, examples: list[Example], n: int, batch_size: int) -> list[dict]:
+    """Batches of a task's inputs and candidate texts (the layer inputs it produces) for the lifecycle."""
+    chosen = examples[:n]
+    texts = [ex.text for ex in chosen] + sorted({c for ex in chosen for c in ex.candidates})
+    return [lower.batch(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------- arms
+def run_sequence(arm: str, order: tuple[int, ...], top: TopEncoder, lower: FrozenLower, data, args,
+                 seed: int) -> list[list[float]]:  # fmt: skip
+    """Train ``arm`` on the tasks in ``order``; ``R[t][i]``: accuracy on task ``order[i]`` after step t."""
+    names = [TASKS[k] for k in order]
+    torch.manual_seed(seed)  # PEFT LoRA's A init draws from the global RNG: every arm and order reproducible
+    model: nn.Module = copy.deepcopy(top)
+    if arm == "seq_lora":
+        model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=TARGETS))
+    elif arm in ("olora", "subspace"):
+        cfg = OrthoLoraConfig(
+            mode=arm, r=args.r, alpha=args.alpha, target_modules=TARGETS, energy=args.energy, l1=args.l1
+        )
+        model = get_peft_model(model, cfg)
+    lr = {"seq_lora": args.lr, "olora": args.lr, "subspace": args.lr_subspace, "osf": args.lr_osf}[arm]
+    R: list[list[float]] = []
+    for t, name in enumerate(names):
+        train_ex = data[name][0]
+        penalty = None
+        if arm == "osf":
+            rank = args.osf_rank_step * t  # preserved (frozen) share of each weight's spectrum grows per task
+            model = get_peft_model(model, OSFConfig(target_modules=TARGETS, effective_rank=rank or 1))
+        elif arm == "subspace":
+            start_data = stats_batches(lower, train_ex, args.stats_examples, args.batch_size)
+            start_task(model, name, start_data if args.subspace_a == "data" else None)
+        elif arm == "olora":
+            start_task(model, name)
+            penalty = olora_penalty
+        train(model, lower, train_ex, args, lr, seed + t, penalty, desc=f"{arm} {t + 1}/{len(names)} {name}")
+        if arm == "osf":
+            model = model.merge_and_unload()
+        elif arm == "subspace":
+            ks = end_task(model, stats_batches(lower, train_ex, args.stats_examples, args.batch_size))
+            print(
+                f"    subspace basis dims after {name}: min {min(ks.values())}, max {max(ks.values())}",
+                flush=True,
+            )
+        elif arm == "olora":
+            end_task(model)
+        R.append([accuracy(model, lower, data[n][1], args) for n in names[: t + 1]])
+        print(f"  {arm} order={order} after {name}: {[round(a, 3) for a in R[-1]]}", flush=True)
+    return R
+
+
+def run_multitask(top: TopEncoder, lower: FrozenLower, data, args, seed: int) -> list[float]:
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        copy.deepcopy(top), LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=TARGETS)
+    )
+    union = [ex for name in TASKS[: args.n_tasks] for ex in data[name][0]]
+    train(model, lower, union, args, args.lr, seed, desc="multitask_lora")
+    return [accuracy(model, lower, data[name][1], args) for name in TASKS[: args.n_tasks]]
+
+
+def aa_bwt(R: list[list[float]]) -> tuple[float, float]:
+    T = len(R)
+    aa = sum(R[-1]) / T
+    bwt = sum(R[-1][i] - R[i][i] for i in range(T - 1)) / (T - 1)
+    return aa, bwt
+
+
+# ------------------------------------------------------------------------------------------- reports
+def write_table(results: dict, args, path: Path, wall: float) -> str:
+    lines = [
+        "| arm | "
+        + " | ".join(f"order {k + 1} AA / BWT" for k in range(len(args.orders)))
+        + " | mean AA | mean BWT |",
+        "|---|" + "---|" * (len(args.orders) + 2),
+    ]
+    for arm in args.arms:
+        if arm == "multitask_lora":
+            accs = results[arm]["accuracy"]
+            aa = sum(accs) / len(accs)
+            cells = " | ".join(["(order-free)"] * len(args.orders))
+            lines.append(f"| {arm} (upper reference) | {cells} | {aa:.3f} | n/a |")
+            continue
+        per = results[arm]["orders"]
+        cells = " | ".join(f"{o['AA']:.3f} / {o['BWT']:+.3f}" for o in per)
+        lines.append(f"| {arm} | {cells} | {results[arm]['mean_AA']:.3f} | {results[arm]['mean_BWT']:+.3f} |")
+    tasks = ", ".join(TASKS[: args.n_tasks])
+    orders = "; ".join(" -> ".join(str(k + 1) for k in o) for o in args.orders)
+    note = (
+        f"\nTasks (1..{args.n_tasks}): {tasks}. Orders: {orders}. MiniLM-L6 (lower {args.cached_layers} "
+        f"layers frozen and cached), {args.n_train} train / {args.n_test} test per task, "
+        f"max length {args.max_length}, "
+        f"{args.epochs} epoch(s), batch {args.batch_size}, r={args.r}, alpha={args.alpha}, lr LoRA/O-LoRA "
+        f"{args.lr}, subspace {args.lr_subspace} (A from {args.subspace_a}), osf {args.lr_osf}, energy "
+        f"{args.energy}, l1 {args.l1}. "
+        f"Wall time {wall / 60:.1f} min.\n"
+    )
+    text = "\n".join(lines) + "\n" + note
+    path.write_text(text)
+    return text
+
+
+def plot(results: dict, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in args.arms if a != "multitask_lora"]
+    fig, axes = plt.subplots(len(args.orders), len(arms), figsize=(3.2 * len(arms), 2.6 * len(args.orders)),
+                             sharey=True, squeeze=False)  # fmt: skip
+    for row, order in enumerate(args.orders):
+        for col, arm in enumerate(arms):
+            ax = axes[row][col]
+            R = results[arm]["orders"][row]["R"]
+            for i, k in enumerate(order):
+                xs = list(range(i + 1, len(order) + 1))
+                ax.plot(
+                    xs, [R[t][i] for t in range(i, len(order))], marker="o", color=f"C{k}", label=TASKS[k]
+                )
+            ax.set_title(f"{arm}, order {row + 1}", fontsize=9)
+            ax.set_xticks(range(1, len(order) + 1))
+            if col == 0:
+                ax.set_ylabel("test accuracy")
+            if row == len(args.orders) - 1:
+                ax.set_xlabel("after training task #")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output-dir", default="outputs/continual")
+    p.add_argument("--n-train", type=int, default=192)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--cached-layers", type=int, default=4, help="lower MiniLM layers run once and cached")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--lr", type=float, default=2e-3, help="sequential / multitask LoRA and O-LoRA")
+    p.add_argument("--lr-subspace", type=float, default=2e-3)
+    p.add_argument("--lr-osf", type=float, default=1e-4)
+    p.add_argument("--osf-rank-step", type=float, default=0.2, help="preserved rank share added per task")
+    p.add_argument("--energy", type=float, nargs="+", default=[0.99])
+    p.add_argument(
+        "--subspace-a",
+        choices=["data", "random"],
+        default="data",
+        help="subspace A: top-r directions of the new task's inputs in the complement, or random there",
+    )
+    p.add_argument("--l1", type=float, default=0.5)
+    p.add_argument(
+        "--stats-examples", type=int, default=96, help="examples per task for the input statistics"
+    )
+    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--n-orders", type=int, default=3)
+    p.add_argument("--n-tasks", type=int, default=4)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from OUTPUT_DIR/results.json")
+    args = p.parse_args(argv)
+    args.orders = [tuple(k for k in o if k < args.n_tasks) for o in ORDERS[: args.n_orders]]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        results = json.loads((out / "results.json").read_text())
+        plot(results, args, out / "per_task_accuracy.png")
+        return results
+    start = time.time()
+    bert, tok = load_minilm()
+    bert.eval()
+    data = {name: load_task(name, args.n_train, args.n_test, args.seed) for name in TASKS[: args.n_tasks]}
+    print(f"data loaded in {time.time() - start:.0f} s", flush=True)
+    lower = FrozenLower(bert, tok, args.cached_layers, args.max_length)
+    lower.encode([t for tr, te in data.values() for ex in tr + te for t in [ex.text, *ex.candidates]])
+    top = TopEncoder(copy.deepcopy(bert.encoder.layer[args.cached_layers :])).eval()
+    for p in top.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():  # the split model equals the full encoder (mean-pooled)
+        texts = [ex.text for ex in data[TASKS[0]][1][:4]]
+        enc = tok(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
+        full = bert(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        ref = (full * mask).sum(1) / mask.sum(1)
+        torch.testing.assert_close(top(**lower.batch(texts)), ref, rtol=1e-4, atol=1e-4)
+    zero_shot = {n: accuracy(top, lower, data[n][1], args) for n in data}
+    print(f"zero-shot: {zero_shot}", flush=True)
+    results: dict = {"zero_shot": zero_shot, "args": {k: v for k, v in vars(args).items()}}
+    for arm in args.arms:
+        t0 = time.time()
+        if arm == "multitask_lora":
+            results[arm] = {"accuracy": run_multitask(top, lower, data, args, args.seed)}
+        else:
+            per = []
+            for k, order in enumerate(args.orders):
+                R = run_sequence(arm, order, top, lower, data, args, args.seed + 100 * k)
+                aa, bwt = aa_bwt(R)
+                per.append({"order": [TASKS[i] for i in order], "R": R, "AA": aa, "BWT": bwt})
+            results[arm] = {
+                "orders": per,
+                "mean_AA": sum(o["AA"] for o in per) / len(per),
+                "mean_BWT": sum(o["BWT"] for o in per) / len(per),
+            }
+        results[arm]["seconds"] = time.time() - t0
+        print(f"{arm} done in {time.time() - t0:.0f} s", flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    wall = time.time() - start
+    results["wall_seconds"] = wall
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(write_table(results, args, out / "results.md", wall))
+    if any(a != "multitask_lora" for a in args.arms):
+        plot(results, args, out / "per_task_accuracy.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
