@@ -64,18 +64,7 @@ ARMS = (
     "lora",
     "tinylora",
 )
-DEFAULT_ARMS = (
-    "frozen",
-    "fused_lora_sb",
-    "fused_loldu",
-    "fused_fedsvd",
-    "lora_sb",
-    "loldu",
-    "fedsvd",
-    "hut_auto",
-    "lora",
-    "tinylora",
-)
+DEFAULT_ARMS = tuple(arm for arm in ARMS if arm not in ("hut_materialize", "hut_factored"))
 LABELS = {
     "frozen": "frozen base linear",
     "fused_lora_sb": "LoRA-SB, fused Triton path",

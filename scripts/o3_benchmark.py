@@ -162,25 +162,10 @@ def encode(tokenizer, rows: list[dict], targets: list[str], args: BenchArgs) -> 
 def train_lora(
     model, rows_enc: list[dict], pad_id: int, epochs: int, lr: float, args: BenchArgs, sign: float = 1.0
 ):
-    """A plain AdamW loop on ``sign * CE`` (sign -1: gradient ascent)."""
-    from ortho_adapters.o3.unlearn import _pad
+    """A plain AdamW loop on ``sign * CE`` (sign -1: gradient ascent), no orthogonality penalty."""
+    from ortho_adapters.o3.unlearn import train_loop
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(args.seed)
-    model.train()
-    losses = []
-    for _ in range(epochs):
-        order = torch.randperm(len(rows_enc), generator=g).tolist()
-        for start in range(0, len(order), args.batch_size):
-            batch = _pad([rows_enc[i] for i in order[start : start + args.batch_size]], pad_id)
-            loss = sign * model(**batch).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-    model.eval()
-    return losses
+    return train_loop(model, rows_enc, pad_id, 0.0, epochs, lr, args.batch_size, args.seed, sign=sign)
 
 
 def lora_config(r: int, alpha: float):

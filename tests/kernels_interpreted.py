@@ -20,11 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
-from torch import nn
 
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("run under TRITON_INTERPRET=1 (tests/test_kernels.py does)", allow_module_level=True)
 pytest.importorskip("triton")
+
+from tiny_models import UpDown  # noqa: E402
 
 import ortho_adapters  # noqa: E402
 from ortho_adapters.core.autograd import frozen_factor_product  # noqa: E402
@@ -180,16 +181,6 @@ def test_bad_shapes_raise():
 # ----- the layers, dispatched to the real kernels (interpreted) ------------------------------------------
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(24, 40)
-        self.down = nn.Linear(40, 17, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.tanh(self.up(x)))
-
-
 CONFIGS = {
     "lora_sb": lambda: ortho_adapters.LoraSBConfig(
         target_modules=["up", "down"], r=4, init="svd", init_weights=False
@@ -207,7 +198,7 @@ def test_layers_dispatch_to_kernels(method, monkeypatch):
     """With kernels 'available' on CPU the layers run the interpreted kernels: outputs and adapter
     gradients equal the PyTorch path's."""
     torch.manual_seed(0)
-    model = get_peft_model(Net(), CONFIGS[method]())
+    model = get_peft_model(UpDown(), CONFIGS[method]())
     x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2))
 
     def step():

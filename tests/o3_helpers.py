@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
+from transformers import BertConfig, BertModel, LlamaForCausalLM
 
 from ortho_adapters import data
 
@@ -37,16 +38,7 @@ def lm_tokenizer():
 
 def tiny_lm(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab_size, max_positions=256).eval()
 
 
 def math_rows(n: int = 30) -> list[dict]:

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
-from tiny_models import tiny_gpt2
+from tiny_models import UpDown, tiny_gpt2
 from torch import nn
 
 import ortho_adapters
@@ -28,16 +28,6 @@ from ortho_adapters.core.autograd import frozen_factor_product
 from ortho_adapters.kernels import availability, dispatch, kernels_available
 
 HERE = Path(__file__).parent
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(24, 40)
-        self.down = nn.Linear(40, 17, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.tanh(self.up(x)))
 
 
 TARGETS = ["up", "down"]
@@ -69,7 +59,7 @@ def fake_kernels(monkeypatch):
 
 def _model(method: str, **kw) -> nn.Module:
     torch.manual_seed(0)
-    return get_peft_model(Net(), CONFIGS[method](init_weights=False, **kw))
+    return get_peft_model(UpDown(), CONFIGS[method](init_weights=False, **kw))
 
 
 def _x() -> torch.Tensor:
@@ -171,7 +161,7 @@ def _fallback_cases():
 
     def hut_has_no_frozen_factors():
         torch.manual_seed(0)
-        return get_peft_model(Net(), ortho_adapters.HUTConfig(target_modules=TARGETS, r=4)), None
+        return get_peft_model(UpDown(), ortho_adapters.HUTConfig(target_modules=TARGETS, r=4)), None
 
     return [
         use_kernels_false,
@@ -225,13 +215,13 @@ def test_use_kernels_config_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["use_kernels"] is False
-    loaded = PeftModel.from_pretrained(Net(), tmp_path)
+    loaded = PeftModel.from_pretrained(UpDown(), tmp_path)
     layer = loaded.base_model.model.up
     assert layer.use_kernels == {"default": False}
     # a config saved before the field existed loads with the default (True)
     del saved["use_kernels"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
-    assert PeftModel.from_pretrained(Net(), tmp_path).base_model.model.up.use_kernels == {"default": True}
+    assert PeftModel.from_pretrained(UpDown(), tmp_path).base_model.model.up.use_kernels == {"default": True}
     with pytest.raises(ValueError, match="use_kernels"):
         ortho_adapters.LoraSBConfig(target_modules=TARGETS, use_kernels="yes")
 

@@ -29,15 +29,28 @@ class MLP(nn.Module):
         return out
 
 
-def tiny_llama() -> LlamaForCausalLM:
+class UpDown(nn.Module):
+    """Two linear layers (24 -> 40 -> 17, the second without bias): odd widths for the kernel tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(24, 40)
+        self.down = nn.Linear(40, 17, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(x)))
+
+
+def tiny_llama(vocab_size: int = VOCAB, max_positions: int = 64) -> LlamaForCausalLM:
+    """A 2-layer Llama (hidden 32, GQA 4/2 heads) with random weights from the global RNG."""
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
     )
     return LlamaForCausalLM(cfg)
 

@@ -90,7 +90,10 @@ def _mix(
     PREC: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
-    """``u M^T`` (MIX=2), ``u * m`` (MIX=1) or ``u`` (MIX=0) for a (rows, R_PAD) block ``u``; fp32 result."""
+    """``u M^T`` (MIX=2), ``u * m`` (MIX=1) or ``u`` (MIX=0) for a (rows, R_PAD) block ``u``; fp32 result.
+
+    Called with ``stride_m0`` and ``stride_m1`` swapped it computes the adjoint ``u M``.
+    """
     offs_r = tl.arange(0, R_PAD)
     if MIX == 2:
         offs_c = tl.arange(0, R_PAD)
@@ -106,36 +109,6 @@ def _mix(
         out = u.to(tl.float32) * mv.to(tl.float32)[None, :]
     else:
         out = u.to(tl.float32)
-    return out
-
-
-@triton.jit
-def _mix_t(
-    g,
-    m_ptr,
-    stride_m0,
-    stride_m1,
-    r,
-    R_PAD: tl.constexpr,
-    MIX: tl.constexpr,
-    PREC: tl.constexpr,
-    EMULATE: tl.constexpr,
-):
-    """Adjoint of :func:`_mix`: ``g M`` (MIX=2), ``g * m`` (MIX=1) or ``g`` (MIX=0); fp32 result."""
-    offs_r = tl.arange(0, R_PAD)
-    if MIX == 2:
-        offs_c = tl.arange(0, R_PAD)
-        mm = tl.load(
-            m_ptr + offs_r[:, None] * stride_m0 + offs_c[None, :] * stride_m1,
-            mask=(offs_r[:, None] < r) & (offs_c[None, :] < r),
-            other=0.0,
-        )
-        out = _dot(g, mm, None, PREC, EMULATE)
-    elif MIX == 1:
-        mv = tl.load(m_ptr + offs_r * stride_m0, mask=offs_r < r, other=0.0)
-        out = g.to(tl.float32) * mv.to(tl.float32)[None, :]
-    else:
-        out = g.to(tl.float32)
     return out
 
 
@@ -293,7 +266,8 @@ def _dy_pass_kernel(
             part = tl.sum(g.to(tl.float32) * u.to(tl.float32), axis=0)
             tl.atomic_add(dm_ptr + offs_r, part, mask=offs_r < r)
     if NEED_U:
-        du = _mix_t(g, m_ptr, stride_m0, stride_m1, r, R_PAD, MIX, PREC, EMULATE)
+        # the adjoint g M is _mix with M's strides swapped (a vector's two strides are equal)
+        du = _mix(g, m_ptr, stride_m1, stride_m0, r, R_PAD, MIX, PREC, EMULATE)
         tl.store(
             du_ptr + offs_t[:, None] * stride_dut + offs_r[None, :] * stride_dur,
             _to(du, in_ty, EMULATE),
@@ -436,5 +410,5 @@ def _mix_args(m: torch.Tensor | None, fallback: torch.Tensor) -> tuple[int, torc
     if m is None:
         return MIX_NONE, fallback, (0, 0)
     if m.dim() == 1:
-        return MIX_VECTOR, m, (m.stride(0), 0)
+        return MIX_VECTOR, m, (m.stride(0), m.stride(0))  # equal: _mix's adjoint swaps them
     return MIX_MATRIX, m, (m.stride(0), m.stride(1))

@@ -113,7 +113,8 @@ class O3Trainer(Trainer):
             return super().train(*args, **kwargs)
 
 
-def _train_loop(model, rows, pad_id, lam, epochs, lr, batch_size, seed) -> list[float]:
+def train_loop(model, rows, pad_id, lam, epochs, lr, batch_size, seed, sign: float = 1.0) -> list[float]:
+    """AdamW on ``sign * CE + lam * orthogonality penalty`` over padded ``rows`` (sign -1: ascent)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -127,7 +128,7 @@ def _train_loop(model, rows, pad_id, lam, epochs, lr, batch_size, seed) -> list[
                 k: v.to(device)
                 for k, v in _pad([rows[i] for i in order[start : start + batch_size]], pad_id).items()
             }
-            loss = model(**batch).loss
+            loss = sign * model(**batch).loss
             if lam:
                 loss = loss + lam * orthogonality_penalty(model)
             opt.zero_grad()
@@ -187,7 +188,7 @@ def unlearn(
     info: dict[str, Any] = {"request": name}
     with base.gate_bypassed():
         if training_args is None:
-            info["lm_losses"] = _train_loop(
+            info["lm_losses"] = train_loop(
                 model, rows, pad_id, config.orth_lambda, epochs, lr, batch_size, seed
             )
         else:
