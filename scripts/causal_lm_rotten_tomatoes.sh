@@ -22,8 +22,9 @@ ARMS=(
   "loldu_4bit|--method loldu --quantize 4bit"
   "hut_4bit|--method hut --quantize 4bit"
   # LoRA-SB at >= 20x fewer values than LoRA r=8 on q,k,v,o (921,600): r=12 on all 7 projections is 30,240
+  "lora_sb_r12|--method lora_sb --r 12"
+  "lora_sb_r12_4bit|--method lora_sb --r 12 --quantize 4bit"
   "lora_sb_r12_lr5e-3|--method lora_sb --r 12 --lr 5e-3"
-  "lora_sb_lr5e-3|--method lora_sb --lr 5e-3"
 )
 if [ -n "${2:-}" ]; then  # reorder / select arms by label
   SELECTED=()
