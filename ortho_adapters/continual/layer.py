@@ -24,7 +24,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ..core.layer import COMMON_NAMES, OrthoLayer
-from ..fedsvd.layer import random_orthonormal_rows
+from ..core.orthonormal import random_orthonormal_rows
 from .config import OrthoLoraConfig
 
 

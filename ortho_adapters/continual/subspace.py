@@ -16,26 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-
-def _model_inputs(batch: Any) -> tuple[tuple, dict]:
-    """A dict batch is passed as ``model(**batch)``, anything else as ``model(batch)``."""
-    if isinstance(batch, Mapping):
-        return (), dict(batch)
-    return (batch,), {}
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
+from ..core.batches import call_model, to_device
+from ..core.distributed import all_reduce_sums
+from ..core.orthonormal import random_orthonormal_rows
 
 
 @contextmanager
@@ -82,10 +70,9 @@ def collect_covariances(
     try:
         with torch.no_grad(), _eval_mode(model):
             for batch in dataloader:
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
                 current["mask"] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-                args, kwargs = _model_inputs(batch)
-                model(*args, **kwargs)
+                call_model(model, batch)
                 batches += 1
     finally:
         for h in handles:
@@ -98,15 +85,6 @@ def collect_covariances(
     sums = all_reduce_sums(sums)
     if float(sums.pop(_COUNT)) == 0:
         raise ValueError("the dataloader yielded no batches: cannot compute the task's input statistics")
-    return sums
-
-
-def all_reduce_sums(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum each tensor over the ranks of an initialized process group (a no-op in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return sums
-    for name in sorted(sums):  # same order on every rank
-        dist.all_reduce(sums[name], op=dist.ReduceOp.SUM)
     return sums
 
 
@@ -167,9 +145,5 @@ def complement_rows(
     q = complement_basis(m, n)
     if cov is not None:
         return _top_eigvecs(cov.to(torch.float64), q)[1][:, :r].t().contiguous()
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    gauss = torch.randn(q.shape[1], r, generator=g, dtype=torch.float64).to(q.device)
-    basis, rr = torch.linalg.qr(gauss)
-    signs = torch.sign(torch.diagonal(rr))
-    signs[signs == 0] = 1.0
-    return (q @ (basis * signs)).t().contiguous()
+    rows = random_orthonormal_rows(r, q.shape[1], seed, dtype=torch.float64).to(q.device)
+    return (q @ rows.t()).t().contiguous()

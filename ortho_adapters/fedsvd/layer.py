@@ -15,23 +15,8 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ..core.layer import COMMON_NAMES, OrthoLayer
+from ..core.orthonormal import random_orthonormal_rows
 from .config import FedSVDConfig
-
-
-def random_orthonormal_rows(r: int, n: int, seed: int) -> torch.Tensor:
-    """An fp32 ``r x n`` matrix with orthonormal rows (Haar-distributed), from a private generator.
-
-    QR of an ``n x r`` Gaussian matrix, with the signs of ``R``'s diagonal folded into ``Q`` so that the
-    result is unique for a given seed. Needs ``r <= n``.
-    """
-    if r > n:
-        raise ValueError(f"cannot build {r} orthonormal rows of length {n}")
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    gauss = torch.randn(n, r, generator=g, dtype=torch.float64)
-    q, rr = torch.linalg.qr(gauss)
-    signs = torch.sign(torch.diagonal(rr))
-    signs[signs == 0] = 1.0
-    return (q * signs).t().contiguous().to(torch.float32)
 
 
 def layer_seed(seed: int, module_name: str) -> int:

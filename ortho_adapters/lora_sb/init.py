@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Literal, Optional
 
@@ -33,6 +33,8 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.batches import call_model, to_device
+from ..core.distributed import all_reduce_sums
 from ..core.layer import is_supported_base
 from ..core.svd import truncated_svd
 from .config import LoraSBConfig
@@ -247,21 +249,6 @@ class _GradientAccumulator:
         return self
 
 
-def _sum_over_processes(sums: dict[str, torch.Tensor]) -> None:
-    """Add up every process's ``G`` under ``torch.distributed`` (DDP, FSDP, DeepSpeed; a no-op otherwise).
-
-    Each process runs the gradient pass on its own batches; with the sums all-reduced every process
-    computes the same factors, those of one process that saw all the batches (``sign(G)`` and
-    ``G / ||G||`` are unchanged when every process saw the same batches). Every process must call
-    :func:`initialize_lora_sb` with the same targets.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for name in sorted(sums):
-        dist.all_reduce(sums[name])
-
-
 def _embeddings_require_grad(model: nn.Module, stack: ExitStack) -> None:
     """Make the input embeddings' output require grad (as transformers' ``enable_input_require_grads``).
 
@@ -305,17 +292,13 @@ def _find_targets(model: nn.Module, config: Optional[LoraSBConfig], adapter_name
 
 
 def _batch_size(batch: Any) -> int:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         batch = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
     return int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.dim() > 0 else 1
 
 
 def _batch_loss(model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
-    if isinstance(batch, dict):
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        out = model(**batch)
-    else:
-        out = model(batch.to(device))
+    out = call_model(model, to_device(batch, device))
     loss = out["loss"] if isinstance(out, dict) or hasattr(out, "keys") else getattr(out, "loss", None)
     if not isinstance(loss, torch.Tensor):
         raise ValueError("initialize_lora_sb's batches must make the model return a `loss` (pass labels)")
@@ -536,7 +519,9 @@ def initialize_lora_sb(
         missing = sorted(set(bases) - set(accumulator.sums))
         if missing:
             raise ValueError(f"No gradient reached target modules {missing[:5]}: are they used by the loss?")
-        _sum_over_processes(accumulator.sums)
+        # every process's G added up (DDP, FSDP, DeepSpeed): each process then installs the factors of one
+        # process that saw all the init batches; every process must call initialize_lora_sb
+        all_reduce_sums(accumulator.sums)
 
         for name, (_, layer) in tqdm(targets.items(), desc="LoRA-SB SVD", disable=not progress):
             r = layer.r[adapter_name] if layer is not None else config.r
