@@ -208,7 +208,7 @@ def test_second_request_freezes_the_first_and_gates_with_the_max(tmp_path, tok):
     assert info["penalty"] > 0
     for layer, (a1, b1) in zip(layers, first):
         x = torch.randn(2, 5, layer.in_features)
-        fa, fb = layer.frozen_factors("default")
+        fa, fb = layer.request_stacks("default")
         assert torch.equal(fa[0], a1) and torch.equal(fb[0], b1)
         leaf = layer.o3_lora["default"]
         s = layer.scaling["default"]

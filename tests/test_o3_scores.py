@@ -90,7 +90,7 @@ def test_orthogonality_penalty_matches_numpy_loop():
     base = model.base_model
     assert float(orthogonality_penalty(model).detach()) == 0.0  # first request: nothing to be orthogonal to
     base.start_request("one")  # the first request owns the initial LoRA: nothing frozen
-    assert all(m.frozen_factors("default")[0] is None for m in model.modules() if isinstance(m, O3Layer))
+    assert all(m.request_stacks("default")[0] is None for m in model.modules() if isinstance(m, O3Layer))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

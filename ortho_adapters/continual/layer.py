@@ -17,20 +17,19 @@ How many old tasks exist is read from the config (``task_names``), so a fresh mo
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ..core.layer import COMMON_NAMES, OrthoLayer
-from ..core.orthonormal import random_orthonormal_rows
+from ..core.orthonormal import layer_seed, random_orthonormal_rows
 from .config import OrthoLoraConfig
 
 
 def task_seed(seed: int, module_name: str, task: int) -> int:
     """A seed for (layer, task): ``seed`` mixed with a stable hash of the layer's name and the task index."""
-    return (int(seed) * 1_000_003 + zlib.crc32(f"{module_name}#{task}".encode())) % (2**63)
+    return layer_seed(seed, f"{module_name}#{task}")
 
 
 class WidthFlexibleBufferDict(BufferDict):

@@ -124,6 +124,15 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         """
         return None
 
+    def sample_weights(self, adapter_name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-sample factors (broadcasting over ``x``) that scale the adapter's contribution, or ``None``.
+
+        ``None`` (default) applies the adapter to every sample in full. O3's gate returns one weight per
+        sample; a method that returns weights must not expose :meth:`frozen_factors` (the fused path has
+        no per-sample scale).
+        """
+        return None
+
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """Return ``W'`` for fp32 base weight ``W`` (default ``W + delta``); must not modify ``weight``."""
         return weight + self.delta_weight(adapter_name)
@@ -254,7 +263,10 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         for name in self.active_adapter_names():
+            weights = self.sample_weights(name, x)
             delta = self.adapter_output(name, self.adapter_dropout[name](self.adapter_input(name, x)))
+            if weights is not None:
+                delta = delta * weights.to(delta.dtype)
             result = result + delta.to(result.dtype)
         return result
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 
@@ -19,3 +21,8 @@ def random_orthonormal_rows(r: int, n: int, seed: int, dtype: torch.dtype = torc
     signs = torch.sign(torch.diagonal(rr))
     signs[signs == 0] = 1.0
     return (q * signs).t().contiguous().to(dtype)
+
+
+def layer_seed(seed: int, module_name: str) -> int:
+    """A per-layer seed: ``seed`` mixed with a stable hash of the module's name."""
+    return (int(seed) * 1_000_003 + zlib.crc32(module_name.encode())) % (2**63)

@@ -8,20 +8,13 @@ of a plain ``nn.Linear(r, m, bias=False)`` leaf applied to ``u = x A^T``. Plain 
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ..core.layer import COMMON_NAMES, OrthoLayer
-from ..core.orthonormal import random_orthonormal_rows
+from ..core.orthonormal import layer_seed, random_orthonormal_rows
 from .config import FedSVDConfig
-
-
-def layer_seed(seed: int, module_name: str) -> int:
-    """A per-layer seed: ``seed`` mixed with a stable hash of the module's name."""
-    return (int(seed) * 1_000_003 + zlib.crc32(module_name.encode())) % (2**63)
 
 
 class FedSVDLayer(OrthoLayer):

@@ -10,7 +10,6 @@ A sample with ``w = 0`` gets exactly the base output (``base + 0``).
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Any, Optional
 
 import torch
@@ -18,12 +17,8 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ..core.layer import COMMON_NAMES, OrthoLayer
+from ..core.orthonormal import layer_seed
 from .config import O3Config
-
-
-def layer_seed(seed: int, module_name: str) -> int:
-    """``seed`` mixed with a stable hash of the layer's (and adapter's) name."""
-    return (int(seed) * 1_000_003 + zlib.crc32(module_name.encode())) % (2**63)
 
 
 class O3Leaf(nn.Module):
@@ -83,7 +78,7 @@ class O3Layer(OrthoLayer):
         return layer_seed(self.init_seed[adapter_name] + request_index, f"{self.module_name}.{adapter_name}")
 
     # ----- requests --------------------------------------------------------------------------------
-    def frozen_factors(self, adapter_name: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def request_stacks(self, adapter_name: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """``(A, B)`` stacks of the earlier requests (k x r x n, k x m x r), or ``(None, None)``."""
         if adapter_name not in self.o3_frozen_A:
             return None, None
@@ -94,7 +89,7 @@ class O3Layer(OrthoLayer):
         leaf = self.o3_lora[adapter_name]
         a = leaf.lora_A.weight.detach().clone().unsqueeze(0)
         b = leaf.lora_B.weight.detach().clone().unsqueeze(0)
-        old_a, old_b = self.frozen_factors(adapter_name)
+        old_a, old_b = self.request_stacks(adapter_name)
         if old_a is not None:
             a = torch.cat([old_a, a.to(old_a)])
             b = torch.cat([old_b, b.to(old_b)])
@@ -108,14 +103,14 @@ class O3Layer(OrthoLayer):
         """``s * sum_t (x A_t^T) B_t^T`` over every request (frozen ones as one stacked matmul)."""
         s = self.scaling[adapter_name]
         out = self.o3_lora[adapter_name](x)
-        a, b = self.frozen_factors(adapter_name)
+        a, b = self.request_stacks(adapter_name)
         if a is not None:
             k, r, n = a.shape
             u = x @ a.reshape(k * r, n).t()  # x is in the buffers' dtype, or autocast casts both
             out = out + u @ b.permute(1, 0, 2).reshape(b.shape[1], k * r).t()
         return out * s
 
-    def gate_weights(self, adapter_name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def sample_weights(self, adapter_name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-sample weights ``w`` shaped to broadcast over ``x``'s trailing dims, or ``None`` (w = 1)."""
         state = self.o3_gate_state
         if state is None:
@@ -130,25 +125,12 @@ class O3Layer(OrthoLayer):
             )
         return w.to(device=x.device).view(-1, *([1] * (x.dim() - 1)))
 
-    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus each active adapter's contribution, scaled per sample by its gate weight."""
-        result = self.base_layer(x, *args, **kwargs)
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
-        for name in self.active_adapter_names():
-            w = self.gate_weights(name, x)
-            delta = self.adapter_output(name, self.adapter_dropout[name](self.adapter_input(name, x)))
-            if w is not None:
-                delta = delta * w.to(delta.dtype)
-            result = result + delta.to(result.dtype)
-        return result
-
     # ----- merge -----------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s * sum_t B_t A_t`` in fp32."""
         leaf = self.o3_lora[adapter_name]
         delta = leaf.lora_B.weight.detach().float() @ leaf.lora_A.weight.detach().float()
-        a, b = self.frozen_factors(adapter_name)
+        a, b = self.request_stacks(adapter_name)
         if a is not None:
             delta = delta + torch.einsum("kmr,krn->mn", b.float(), a.float())
         return delta * self.scaling[adapter_name]

@@ -35,7 +35,7 @@ def orthogonality_penalty(model: nn.Module, adapter_name: Optional[str] = None) 
         raise ValueError(f"model has no O3 layer with adapter {adapter_name!r}")
     terms = []
     for layer in layers:
-        frozen_a, _ = layer.frozen_factors(adapter_name)
+        frozen_a, _ = layer.request_stacks(adapter_name)
         a_t = layer.o3_lora[adapter_name].lora_A.weight
         if frozen_a is None:
             terms.append(a_t.sum() * 0.0)
