@@ -9,12 +9,12 @@ are the current task's factors. In subspace mode orthogonality is structural and
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
-from transformers import Trainer
 
+from ..core.trainer import PenaltyTrainer
 from .lifecycle import resolve
 
 
@@ -47,12 +47,8 @@ def olora_penalty(
     return total
 
 
-class OrthoLoraTrainer(Trainer):
+class OrthoLoraTrainer(PenaltyTrainer):
     """``transformers.Trainer`` whose training loss includes :func:`olora_penalty` (zero in subspace mode)."""
 
-    def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, **kwargs: Any):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-        loss, outputs = result if return_outputs else (result, None)
-        if model.training:
-            loss = loss + olora_penalty(model).to(loss.dtype)
-        return (loss, outputs) if return_outputs else loss
+    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
+        return olora_penalty(model) if model.training else None

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
-from transformers import Trainer
+from torch import nn
 
+from ..core.trainer import PenaltyTrainer
 from .config import O3Config
 from .gate import check_request_name
 from .penalty import orthogonality_penalty
@@ -96,17 +97,13 @@ def _pad(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class O3Trainer(Trainer):
+class O3Trainer(PenaltyTrainer):
     """``transformers.Trainer`` whose loss adds O3's ``lambda * orthogonality penalty`` (gate bypassed)."""
 
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-        loss, outputs = result if return_outputs else (result, None)
+    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
         peft_model = self.accelerator.unwrap_model(model)
         lam = peft_model.peft_config[peft_model.active_adapter].orth_lambda
-        if lam:
-            loss = loss + lam * orthogonality_penalty(peft_model).to(loss.device)
-        return (loss, outputs) if return_outputs else loss
+        return lam * orthogonality_penalty(peft_model) if lam else None
 
     def train(self, *args, **kwargs):
         with self.accelerator.unwrap_model(self.model).base_model.gate_bypassed():
