@@ -7,14 +7,15 @@ unlearning requests (each forgets one task); O3 (gate on / off) vs gradient-asce
    data). O3: :func:`ortho_adapters.o3.unlearn` (random wrong letter, orthogonality penalty, MiniLM detector,
    calibrated gate). Baselines: one LoRA trained sequentially on the same requests with gradient ascent
    (``-CE`` of the true letter) or with random wrong letters (O3's targets, no penalty, no gate).
-3. Accuracy (letter with the highest logit among the item's options) on each forgotten task's train items and
-   held-out items, on the kept tasks' held-out items and on a utility task never fine-tuned on; the detector's
-   AUROC of forgotten (held-out items) vs kept + utility items.
+3. Accuracy (letter with the highest logit among the item's options) on each forgotten and kept task's train
+   items (memorized by the fine-tune) and held-out items, and on a utility task never fine-tuned on; the
+   detector's AUROC of forgotten (held-out items) vs kept (held-out) + utility items. O3's gate ramp is
+   reported at the default and at the ramp chosen on separate validation items (``--n-val`` per task).
 
 Prompt: ``{input}\\nOptions:\\nA. ..\\nB. ..\\nAnswer:`` and target `` A``; options are shuffled (seeded) and
 capped at ``--max-options`` (the answer always kept).
 
-    python scripts/o3_benchmark.py --out outputs/o3/run1 --n-train 128 --n-eval 64
+    OMP_NUM_THREADS=1 python scripts/o3_benchmark.py --out outputs/o3/run_n32
 """
 
 from __future__ import annotations
@@ -39,18 +40,22 @@ class BenchArgs:
     forget: tuple[str, ...] = ("elementary_math_qa", "intent_recognition")
     keep: tuple[str, ...] = ("social_iqa", "strategyqa")
     utility: str = "vitaminc_fact_verification"
-    n_train: int = 128
-    n_eval: int = 64
+    n_train: int = 32
+    n_eval: int = 32
+    n_val: int = 16  # per task, for choosing the gate ramp only (never reported as a result)
     max_options: int = 4
-    max_length: int = 160
-    finetune_epochs: int = 2
-    finetune_lr: float = 5e-4
+    max_length: int = 128
+    finetune_epochs: int = 6
+    finetune_lr: float = 2e-3
     unlearn_epochs: int = 3
-    unlearn_lr: float = 1e-3
-    ga_lr: float = 1e-4
+    unlearn_lr: float = 3e-3
+    ga_lr: float = 3e-4
     detector_epochs: int = 3
-    gate_full_z: float = 3.0
-    gate_zero_z: float = 12.0
+    gate_full_z: float = 1.0
+    gate_zero_z: float = 2.0
+    ramp_grid: tuple[tuple[float, float], ...] = (
+        (1.0, 2.0), (1.0, 4.0), (2.0, 3.0), (2.0, 5.0), (3.0, 4.0), (3.0, 6.0), (3.0, 12.0),
+    )  # fmt: skip
     batch_size: int = 8
     eval_batch_size: int = 16
     seed: int = 0
@@ -189,6 +194,28 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
 
 
+def choose_ramp(o3, val: dict[str, list[dict]], val_utility: list[dict], args: BenchArgs) -> dict:
+    """The ``(full_z, zero_z)`` of ``args.ramp_grid`` with the largest ``mean w(forgotten tasks' validation
+    items) - mean w(kept tasks' and utility validation items)`` (first on ties). Nothing is refitted: only the
+    ramp over the calibrated scores moves (:meth:`O3Model.set_gate_ramp`)."""
+    forget = [r["prompt"] for t in args.forget for r in val[t]]
+    kept = [r["prompt"] for t in args.keep for r in val[t]] + [r["prompt"] for r in val_utility]
+    grid = {}
+    for full_z, zero_z in args.ramp_grid:
+        o3.set_gate_ramp(full_z, zero_z)
+        w_f, w_k = float(o3.gate_weights(forget).mean()), float(o3.gate_weights(kept).mean())
+        grid[f"{full_z:g}/{zero_z:g}"] = {"w_forget_val": w_f, "w_kept_val": w_k}
+        say(args, f"ramp {full_z:g}/{zero_z:g}: validation mean w forgotten {w_f:.3f}, kept {w_k:.3f}")
+
+    def margin(fz: tuple[float, float]) -> float:
+        g = grid[f"{fz[0]:g}/{fz[1]:g}"]
+        return g["w_forget_val"] - g["w_kept_val"]
+
+    best = max(args.ramp_grid, key=margin)
+    o3.set_gate_ramp(args.gate_full_z, args.gate_zero_z)
+    return {"chosen": list(best), "grid": grid}
+
+
 def run(args: BenchArgs) -> dict:
     from peft import get_peft_model
 
@@ -210,11 +237,15 @@ def run(args: BenchArgs) -> dict:
     train = {t: prep(mc_rows(t, args.n_train, 0, args)) for t in args.forget + args.keep}
     held = {t: prep(mc_rows(t, args.n_eval, args.n_train, args)) for t in args.forget + args.keep}
     utility = prep(mc_rows(args.utility, args.n_eval, 0, args))
+    # validation items (after the train and held-out ones): only for choosing the gate ramp
+    val = {t: prep(mc_rows(t, args.n_val, args.n_train + args.n_eval, args)) for t in args.forget + args.keep}
+    val_utility = prep(mc_rows(args.utility, args.n_val, args.n_eval, args))
     sets: dict[str, list[dict]] = {}
     for t in args.forget:
         sets[f"{t}/train"] = train[t]
         sets[f"{t}/held-out"] = held[t]
-    for t in args.keep:
+    for t in args.keep:  # kept tasks' train items: memorized by the fine-tune, so damage to them shows
+        sets[f"{t}/train"] = train[t]
         sets[f"{t}/held-out"] = held[t]
     sets[f"{args.utility}/utility"] = utility
     chance = {name: float(np.mean([1 / len(r["choices"]) for r in rows])) for name, rows in sets.items()}
@@ -263,8 +294,15 @@ def run(args: BenchArgs) -> dict:
             f"{info[name]['lm_losses'][-1]:.3f}, penalty {info[name]['penalty']:.4g}, "
             f"held-out w {np.mean(info[name]['heldout_weights']):.2f}",
         )
-    results["O3, gate on"] = evaluate_all(o3, tok, sets, args, context=lambda p: o3.gate_inputs(texts=p))
-    say(args, f"O3 gate on: {results['O3, gate on']}")
+    gated = lambda p: o3.gate_inputs(texts=p)  # noqa: E731
+    label = f"O3, gate on (default ramp {args.gate_full_z:g}/{args.gate_zero_z:g})"
+    results[label] = evaluate_all(o3, tok, sets, args, context=gated)
+    say(args, f"{label}: {results[label]}")
+    ramp = choose_ramp(o3, val, val_utility, args)
+    o3.set_gate_ramp(*ramp["chosen"])
+    label = f"O3, gate on (ramp {ramp['chosen'][0]:g}/{ramp['chosen'][1]:g} chosen on validation)"
+    results[label] = evaluate_all(o3, tok, sets, args, context=gated)
+    say(args, f"{label}: {results[label]}")
     results["O3, gate off"] = evaluate_all(
         o3, tok, sets, args, context=lambda p: o3.base_model.gate_bypassed()
     )
@@ -281,6 +319,7 @@ def run(args: BenchArgs) -> dict:
         "auroc": auroc(max_score(forget_texts), max_score(kept_texts)),
         "mean_w_forget_heldout": float(o3.gate_weights(forget_texts).mean()),
         "mean_w_kept": float(o3.gate_weights(kept_texts).mean()),
+        "ramp": ramp,
     }
     say(args, f"detector: {det}")
     o3.save_pretrained(out / "o3_adapter")
@@ -335,7 +374,10 @@ def format_table(report: dict) -> str:
     lines.append("")
     lines.append(
         f"Detector AUROC (forgotten held-out vs kept + utility): {det['auroc']:.3f}; mean gate weight: "
-        f"forgotten held-out {det['mean_w_forget_heldout']:.3f}, kept + utility {det['mean_w_kept']:.3f}. "
+        f"forgotten held-out {det['mean_w_forget_heldout']:.3f}, kept + utility {det['mean_w_kept']:.3f} "
+        f"(ramp {det['ramp']['chosen'][0]:g}/{det['ramp']['chosen'][1]:g}, chosen among "
+        f"{', '.join(det['ramp']['grid'])} by validation mean w forgotten - kept, "
+        f"{report['args']['n_val']} validation items per task). "
         f"Wall time {report['seconds'] / 60:.1f} min, {report['torch_threads']} torch threads."
     )
     return "\n".join(lines)
@@ -350,6 +392,7 @@ def parse(argv: Optional[list[str]] = None) -> BenchArgs:
     for name in (
         "n_train",
         "n_eval",
+        "n_val",
         "max_options",
         "max_length",
         "finetune_epochs",

@@ -38,7 +38,9 @@ def tok():
 @pytest.fixture(scope="module")
 def unlearned(tmp_path_factory, tok):
     tmp = tmp_path_factory.mktemp("o3")
-    model = make_model(tmp, tok)
+    # the tiny random detector spreads unseen forget items wider than its 6 held-out items: a wide ramp
+    # (the MiniLM benchmark's kept tasks share the forget template and need the narrow 1 / 2 default)
+    model = make_model(tmp, tok, gate_full_z=3.0, gate_zero_z=12.0)
     info = unlearn(model, math_rows(), "math", tokenizer=tok, epochs=2, lr=1e-2, detector_epochs=2)
     return model, info, tmp
 
@@ -150,6 +152,33 @@ def test_save_reload_in_process_is_exact(unlearned, tok):
         torch.testing.assert_close(
             reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
         )
+
+
+def test_set_gate_ramp_moves_every_request_and_is_saved(unlearned, tok):
+    model, _, tmp = unlearned
+    config = model.peft_config["default"]
+    stats = model.base_model.o3_gate_state.gates["default"].stats["math"]
+    saved = (config.gate_full_z, config.gate_zero_z, stats.ramp.clone())
+    texts = [r["prompt"] for r in math_rows(40)[30:]] + review_texts()
+    try:
+        with pytest.raises(ValueError, match="full_z < zero_z"):
+            model.set_gate_ramp(2.0, 1.0)
+        assert torch.equal(stats.ramp, saved[2]) and config.gate_zero_z == saved[1]
+        model.set_gate_ramp(0.5, 2.0)
+        mu, sd = (float(v) for v in stats.center)
+        score = model.gate_scores(texts)["math"].double()
+        expected = ((score - (mu - 2.0 * sd)) / (1.5 * sd)).clamp(0, 1).float()
+        torch.testing.assert_close(model.gate_weights(texts), expected, rtol=1e-5, atol=1e-6)
+        model.save_pretrained(tmp / "adapter_ramp")
+        reloaded = PeftModel.from_pretrained(tiny_lm(len(tok)), tmp / "adapter_ramp").eval()
+        assert (reloaded.peft_config["default"].gate_full_z, reloaded.peft_config["default"].gate_zero_z) == (
+            0.5,
+            2.0,
+        )
+        torch.testing.assert_close(reloaded.gate_weights(texts), model.gate_weights(texts), rtol=0, atol=0)
+    finally:
+        model.set_gate_ramp(saved[0], saved[1])
+    assert torch.equal(stats.ramp, saved[2])
 
 
 @pytest.mark.slow

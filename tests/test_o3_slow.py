@@ -47,6 +47,8 @@ def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
             "6",
             "--n-eval",
             "4",
+            "--n-val",
+            "3",
             "--finetune-epochs",
             "1",
             "--unlearn-epochs",
@@ -58,9 +60,12 @@ def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
         ]
     )
     report = o3_benchmark.run(args)
+    chosen = report["detector"]["ramp"]["chosen"]
+    assert tuple(chosen) in args.ramp_grid and len(report["detector"]["ramp"]["grid"]) == len(args.ramp_grid)
     expected_rows = {
         "before unlearning",
-        "O3, gate on",
+        "O3, gate on (default ramp 1/2)",
+        f"O3, gate on (ramp {chosen[0]:g}/{chosen[1]:g} chosen on validation)",
         "O3, gate off",
         "gradient-ascent LoRA",
         "random-label LoRA",

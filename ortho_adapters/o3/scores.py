@@ -10,6 +10,7 @@ Aggregation (deviation from the official one-class SVM, documented): each of the
 (``-distance`` and ``cosine``) is standardized with its mean / sd on the request's held-out 20%, and averaged:
 ``s(x)``. Calibration: with ``mu, sd`` the mean / sd of ``s`` on the held-out set,
 ``w(x) = clip((s(x) - lo) / (hi - lo), 0, 1)``, ``hi = mu - full_z * sd``, ``lo = mu - zero_z * sd``.
+``(mu, sd)`` are kept (``center``), so :func:`ramp` can move the ramp later without refitting anything.
 """
 
 from __future__ import annotations
@@ -61,9 +62,10 @@ class RequestStats:
     bank: torch.Tensor  # (L, N, d) fit features for the local score
     score_mu: torch.Tensor  # (L, 2) held-out mean of (-distance, cosine)
     score_sd: torch.Tensor  # (L, 2) held-out sd of (-distance, cosine)
+    center: torch.Tensor  # (2,) mean and sd of the aggregated score s on the held-out set
     ramp: torch.Tensor  # (2,) lo, hi of the calibration ramp
 
-    FIELDS = ("mean", "precision", "bank", "score_mu", "score_sd", "ramp")
+    FIELDS = ("mean", "precision", "bank", "score_mu", "score_sd", "center", "ramp")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).detach().contiguous() for name in self.FIELDS}
@@ -99,6 +101,14 @@ def soft_weight(stats: RequestStats, score: torch.Tensor) -> torch.Tensor:
     return ((score - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
+def ramp(center: torch.Tensor, full_z: float, zero_z: float) -> torch.Tensor:
+    """``(lo, hi) = (mu - zero_z * sd, mu - full_z * sd)`` from ``center = (mu, sd)``."""
+    if not 0 <= full_z < zero_z:
+        raise ValueError(f"the gate ramp needs 0 <= full_z < zero_z, got {full_z}, {zero_z}")
+    mu, sd = center[0], center[1]
+    return torch.stack([mu - zero_z * sd, mu - full_z * sd]).float()
+
+
 def fit_stats(fit: torch.Tensor, held_out: torch.Tensor, full_z: float, zero_z: float) -> RequestStats:
     """Fit the per-layer statistics on ``fit`` (L x N x d) and calibrate on ``held_out`` (L x M x d)."""
     if fit.shape[1] < 2 or held_out.shape[1] < 1:
@@ -116,6 +126,7 @@ def fit_stats(fit: torch.Tensor, held_out: torch.Tensor, full_z: float, zero_z: 
         bank=fit.clone(),
         score_mu=torch.zeros(fit.shape[0], 2),
         score_sd=torch.ones(fit.shape[0], 2),
+        center=torch.tensor([0.0, 1.0]),
         ramp=torch.tensor([0.0, 1.0]),
     )
     raw = layer_scores(stats, held_out.float())
@@ -125,6 +136,6 @@ def fit_stats(fit: torch.Tensor, held_out: torch.Tensor, full_z: float, zero_z: 
     stats.score_sd = sd.clamp(min=1e-6)
     s = aggregate(stats, held_out.float())
     mu, spread = s.mean(), (s.std(unbiased=False) if s.numel() > 1 else torch.tensor(1.0))
-    spread = spread.clamp(min=1e-6)
-    stats.ramp = torch.stack([mu - zero_z * spread, mu - full_z * spread]).float()
+    stats.center = torch.stack([mu, spread.clamp(min=1e-6)]).float()
+    stats.ramp = ramp(stats.center, full_z, zero_z)
     return stats

@@ -32,6 +32,7 @@ METHODS: dict[str, Method] = {
     "hut": Method("hut", "HUT", "HUTConfig", 4),
     "fedsvd": Method("fedsvd", "FedSVD", "FedSVDConfig", 4),
     "ortho_lora": Method("ortho_lora", "OrthoLoRA", "OrthoLoraConfig", 4),
+    "o3": Method("o3", "O3", "O3Config", 4),
 }
 
 # PEFT 0.21.2's DeLoRA rows of TEST_CASES: (test_name, model_id, config_kwargs).
