@@ -48,7 +48,8 @@ class O3Config(OrthoAdapterConfig):
             chosen on validation items in ``scripts/o3_benchmark.py``, where kept tasks share the forgotten
             tasks' prompt template and score only 2-5 sd below the held-out mean (a 3 / 12 ramp passed them
             a mean weight of 0.998; 1 / 2 passed 0.027, and 0.993 to unseen forgotten-task items).
-            Unrelated text scores about -100. ``model.set_gate_ramp`` moves the ramp without refitting.
+            New forget items that drift from the request's own can fall below 2 sd (a trade-off, see
+            ``docs/o3.md``); ``model.set_gate_ramp`` moves the ramp without refitting.
         gate_tokenizer: local folder of the LM's tokenizer, used to turn ``input_ids`` into text when no
             text is given (``None``: ``base_model_name_or_path`` if it holds a tokenizer).
     """
