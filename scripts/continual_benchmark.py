@@ -61,24 +61,32 @@ class Example:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def load_task(name: str, n_train: int, n_test: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """``(train, test)`` examples of one task; test and train are disjoint random draws."""
+def load_task(name: str, n_train: int, n_val: int, n_test: int, seed: int) -> dict[str, list[Example]]:
+    """``{"train", "val", "test"}`` examples of one task: disjoint random draws (``val`` only for choosing
+    settings, never reported as the result; the test and train draws do not depend on ``n_val``)."""
     if name == "rotten_tomatoes":
-        ds = load_rotten_tomatoes(n_train=n_train, n_eval=n_test, seed=seed)
+        ds = load_rotten_tomatoes(n_train=n_train + n_val, n_eval=n_test, seed=seed)
         words = ["negative", "positive"]
-        return tuple(
+        train, test = (
             [Example(t, words, int(y)) for t, y in zip(ds[split]["text"], ds[split]["label"])]
             for split in ("train", "test")
         )
+        return {"train": train[:n_train], "val": train[n_train:], "test": test}
     ds = load_bigbench_task(name)
+    if n_test + n_train + n_val > len(ds):
+        raise ValueError(f"{name} has {len(ds)} rows, fewer than {n_test + n_train + n_val} requested")
     order = list(range(len(ds)))
     random.Random(seed).shuffle(order)
-    rows = ds.select(order[: n_test + n_train])
+    rows = ds.select(order[: n_test + n_train + n_val])
     examples = [
         Example(text.strip(), [c.replace("_", " ").strip().lower() for c in choices], int(answer))
         for text, choices, answer in zip(rows["input"], rows["choices"], rows["answer"])
     ]
-    return examples[n_test:], examples[:n_test]
+    return {
+        "train": examples[n_test : n_test + n_train],
+        "val": examples[n_test + n_train :],
+        "test": examples[:n_test],
+    }
 
 
 def run_layers(layers, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -199,8 +207,9 @@ def stats_batches(lower: FrozenLower, examples: list[Example], n: int, batch_siz
 
 # ---------------------------------------------------------------------------------------------- arms
 def run_sequence(arm: str, order: tuple[int, ...], top: TopEncoder, lower: FrozenLower, data, args,
-                 seed: int) -> list[list[float]]:  # fmt: skip
-    """Train ``arm`` on the tasks in ``order``; ``R[t][i]``: accuracy on task ``order[i]`` after step t."""
+                 seed: int, lr: float, split: str = "test") -> list[list[float]]:  # fmt: skip
+    """Train ``arm`` on the tasks in ``order``; ``R[t][i]``: accuracy on ``split`` of task ``order[i]`` after
+    step t."""
     names = [TASKS[k] for k in order]
     torch.manual_seed(seed)  # PEFT LoRA's A init draws from the global RNG: every arm and order reproducible
     model: nn.Module = copy.deepcopy(top)
@@ -211,10 +220,9 @@ def run_sequence(arm: str, order: tuple[int, ...], top: TopEncoder, lower: Froze
             mode=arm, r=args.r, alpha=args.alpha, target_modules=TARGETS, energy=args.energy, l1=args.l1
         )
         model = get_peft_model(model, cfg)
-    lr = {"seq_lora": args.lr, "olora": args.lr, "subspace": args.lr_subspace, "osf": args.lr_osf}[arm]
     R: list[list[float]] = []
     for t, name in enumerate(names):
-        train_ex = data[name][0]
+        train_ex = data[name]["train"]
         penalty = None
         if arm == "osf":
             rank = args.osf_rank_step * t  # preserved (frozen) share of each weight's spectrum grows per task
@@ -236,19 +244,37 @@ def run_sequence(arm: str, order: tuple[int, ...], top: TopEncoder, lower: Froze
             )
         elif arm == "olora":
             end_task(model)
-        R.append([accuracy(model, lower, data[n][1], args) for n in names[: t + 1]])
+        R.append([accuracy(model, lower, data[n][split], args) for n in names[: t + 1]])
         print(f"  {arm} order={order} after {name}: {[round(a, 3) for a in R[-1]]}", flush=True)
     return R
 
 
-def run_multitask(top: TopEncoder, lower: FrozenLower, data, args, seed: int) -> list[float]:
+def run_multitask(top: TopEncoder, lower: FrozenLower, data, args, seed: int, lr: float) -> list[float]:
+    """Multitask LoRA (all tasks' training data at once) at sequential LoRA's learning rate."""
     torch.manual_seed(seed)
     model = get_peft_model(
         copy.deepcopy(top), LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=TARGETS)
     )
-    union = [ex for name in TASKS[: args.n_tasks] for ex in data[name][0]]
-    train(model, lower, union, args, args.lr, seed, desc="multitask_lora")
-    return [accuracy(model, lower, data[name][1], args) for name in TASKS[: args.n_tasks]]
+    union = [ex for name in TASKS[: args.n_tasks] for ex in data[name]["train"]]
+    train(model, lower, union, args, lr, seed, desc="multitask_lora")
+    return [accuracy(model, lower, data[name]["test"], args) for name in TASKS[: args.n_tasks]]
+
+
+def tune_lrs(lrs: dict[str, float], top: TopEncoder, lower: FrozenLower, data, args) -> dict:
+    """Per sequential arm, the learning rate of its grid with the best validation AA on the first order.
+
+    Updates ``lrs`` in place; returns ``{arm: {lr: validation AA}}``. Test data is never used here.
+    """
+    grids = {arm: args.lr_grid_osf if arm == "osf" else args.lr_grid for arm in lrs}
+    found: dict = {}
+    for arm in [a for a in args.arms if a in lrs]:
+        found[arm] = {}
+        for lr in grids[arm]:
+            R = run_sequence(arm, args.orders[0], top, lower, data, args, args.seeds[0] + 7, lr, split="val")
+            found[arm][lr] = aa_bwt(R)[0]
+            print(f"  tune {arm} lr={lr:g}: validation AA {found[arm][lr]:.3f}", flush=True)
+        lrs[arm] = max(found[arm], key=found[arm].get)
+    return found
 
 
 def aa_bwt(R: list[list[float]]) -> tuple[float, float]:
@@ -260,32 +286,35 @@ def aa_bwt(R: list[list[float]]) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------- reports
 def write_table(results: dict, args, path: Path, wall: float) -> str:
+    seeds = [str(s) for s in args.seeds]
     lines = [
-        "| arm | "
-        + " | ".join(f"order {k + 1} AA / BWT" for k in range(len(args.orders)))
-        + " | mean AA | mean BWT |",
-        "|---|" + "---|" * (len(args.orders) + 2),
+        "| arm | " + " | ".join(f"seed {s} AA / BWT" for s in seeds) + " | mean AA | mean BWT |",
+        "|---|" + "---|" * (len(seeds) + 2),
     ]
     for arm in args.arms:
+        runs = [results["seeds"][s][arm] for s in seeds]
         if arm == "multitask_lora":
-            accs = results[arm]["accuracy"]
-            aa = sum(accs) / len(accs)
-            cells = " | ".join(["(order-free)"] * len(args.orders))
-            lines.append(f"| {arm} (upper reference) | {cells} | {aa:.3f} | n/a |")
+            cells = " | ".join(f"{r['AA']:.3f} / n/a" for r in runs)
+            lines.append(f"| {arm} (upper reference) | {cells} | {results[arm]['mean_AA']:.3f} | n/a |")
             continue
-        per = results[arm]["orders"]
-        cells = " | ".join(f"{o['AA']:.3f} / {o['BWT']:+.3f}" for o in per)
+        cells = " | ".join(f"{r['AA']:.3f} / {r['BWT']:+.3f}" for r in runs)
         lines.append(f"| {arm} | {cells} | {results[arm]['mean_AA']:.3f} | {results[arm]['mean_BWT']:+.3f} |")
     tasks = ", ".join(TASKS[: args.n_tasks])
+    tuned = (
+        f"each chosen from its grid by validation AA on order 1 of seed {seeds[0]} "
+        f"({args.n_val} validation examples per task)"
+        if "tuning" in results
+        else "fixed"
+    )
     orders = "; ".join(" -> ".join(str(k + 1) for k in o) for o in args.orders)
     note = (
-        f"\nTasks (1..{args.n_tasks}): {tasks}. Orders: {orders}. MiniLM-L6 (lower {args.cached_layers} "
-        f"layers frozen and cached), {args.n_train} train / {args.n_test} test per task, "
-        f"max length {args.max_length}, "
-        f"{args.epochs} epoch(s), batch {args.batch_size}, r={args.r}, alpha={args.alpha}, lr LoRA/O-LoRA "
-        f"{args.lr}, subspace {args.lr_subspace} (A from {args.subspace_a}), osf {args.lr_osf}, energy "
-        f"{args.energy}, l1 {args.l1}. "
-        f"Wall time {wall / 60:.1f} min.\n"
+        f"\nEach seed cell: mean over the {len(args.orders)} orders ({orders}); seeds draw the data, "
+        f"initializations and batch order. Tasks (1..{args.n_tasks}): {tasks}. MiniLM-L6 (lower "
+        f"{args.cached_layers} layers frozen and cached), {args.n_train} train / {args.n_test} test "
+        "per task, "
+        f"max length {args.max_length}, {args.epochs} epoch(s), batch {args.batch_size}, r={args.r}, "
+        f"alpha={args.alpha}, lr {results['lr']} ({tuned}), subspace A from {args.subspace_a}, energy "
+        f"{args.energy}, l1 {args.l1}. Wall time {wall / 60:.1f} min.\n"
     )
     text = "\n".join(lines) + "\n" + note
     path.write_text(text)
@@ -304,13 +333,13 @@ def plot(results: dict, args, path: Path) -> None:
     for row, order in enumerate(args.orders):
         for col, arm in enumerate(arms):
             ax = axes[row][col]
-            R = results[arm]["orders"][row]["R"]
+            R = results["seeds"][str(args.seeds[0])][arm]["orders"][row]["R"]
             for i, k in enumerate(order):
                 xs = list(range(i + 1, len(order) + 1))
                 ax.plot(
                     xs, [R[t][i] for t in range(i, len(order))], marker="o", color=f"C{k}", label=TASKS[k]
                 )
-            ax.set_title(f"{arm}, order {row + 1}", fontsize=9)
+            ax.set_title(f"{arm}, order {row + 1}, seed {args.seeds[0]}", fontsize=9)
             ax.set_xticks(range(1, len(order) + 1))
             if col == 0:
                 ax.set_ylabel("test accuracy")
@@ -328,14 +357,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="outputs/continual")
     p.add_argument("--n-train", type=int, default=192)
     p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--n-val", type=int, default=200, help="validation examples per task (for --tune)")
+    p.add_argument(
+        "--tune",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="choose each sequential arm's lr from its grid by validation AA on the first order "
+        "(else --lr, --lr-subspace, --lr-osf)",
+    )
+    p.add_argument("--lr-grid", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3, 2e-3])
+    p.add_argument("--lr-grid-osf", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4])
     p.add_argument("--max-length", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--cached-layers", type=int, default=4, help="lower MiniLM layers run once and cached")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--lr", type=float, default=2e-3, help="sequential / multitask LoRA and O-LoRA")
+    p.add_argument("--lr-olora", type=float, default=None, help="O-LoRA (default: --lr)")
     p.add_argument("--lr-subspace", type=float, default=2e-3)
     p.add_argument("--lr-osf", type=float, default=1e-4)
     p.add_argument("--osf-rank-step", type=float, default=0.2, help="preserved rank share added per task")
@@ -354,12 +394,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-orders", type=int, default=3)
     p.add_argument("--n-tasks", type=int, default=4)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="data draws and inits (tune: first)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from OUTPUT_DIR/results.json")
     args = p.parse_args(argv)
     args.orders = [tuple(k for k in o if k < args.n_tasks) for o in ORDERS[: args.n_orders]]
     return args
+
+
+def prepare(bert, tok, args, seed: int) -> tuple[dict, FrozenLower, TopEncoder]:
+    """The tasks' splits drawn with ``seed``, their cached lower-layer outputs and the frozen top layers."""
+    data = {n: load_task(n, args.n_train, args.n_val, args.n_test, seed) for n in TASKS[: args.n_tasks]}
+    lower = FrozenLower(bert, tok, args.cached_layers, args.max_length)
+    lower.encode(
+        [t for d in data.values() for part in d.values() for ex in part for t in [ex.text, *ex.candidates]]
+    )
+    top = TopEncoder(copy.deepcopy(bert.encoder.layer[args.cached_layers :])).eval()
+    for p in top.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():  # the split model equals the full encoder (mean-pooled)
+        texts = [ex.text for ex in data[TASKS[0]]["test"][:4]]
+        enc = tok(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
+        full = bert(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        ref = (full * mask).sum(1) / mask.sum(1)
+        torch.testing.assert_close(top(**lower.batch(texts)), ref, rtol=1e-4, atol=1e-4)
+    return data, lower, top
+
+
+def run_arm(arm: str, top: TopEncoder, lower: FrozenLower, data, args, seed: int, lrs: dict) -> dict:
+    """One arm on one data draw: every order's ``R``, AA and BWT (multitask: its per-task accuracies)."""
+    if arm == "multitask_lora":
+        accs = run_multitask(top, lower, data, args, seed, lrs["seq_lora"])
+        return {"accuracy": accs, "AA": sum(accs) / len(accs)}
+    per = []
+    for k, order in enumerate(args.orders):
+        R = run_sequence(arm, order, top, lower, data, args, seed + 100 * k, lrs[arm])
+        aa, bwt = aa_bwt(R)
+        per.append({"order": [TASKS[i] for i in order], "R": R, "AA": aa, "BWT": bwt})
+    return {
+        "orders": per,
+        "AA": sum(o["AA"] for o in per) / len(per),
+        "BWT": sum(o["BWT"] for o in per) / len(per),
+    }
 
 
 def main(argv=None) -> dict:
@@ -373,41 +452,39 @@ def main(argv=None) -> dict:
     start = time.time()
     bert, tok = load_minilm()
     bert.eval()
-    data = {name: load_task(name, args.n_train, args.n_test, args.seed) for name in TASKS[: args.n_tasks]}
-    print(f"data loaded in {time.time() - start:.0f} s", flush=True)
-    lower = FrozenLower(bert, tok, args.cached_layers, args.max_length)
-    lower.encode([t for tr, te in data.values() for ex in tr + te for t in [ex.text, *ex.candidates]])
-    top = TopEncoder(copy.deepcopy(bert.encoder.layer[args.cached_layers :])).eval()
-    for p in top.parameters():
-        p.requires_grad_(False)
-    with torch.no_grad():  # the split model equals the full encoder (mean-pooled)
-        texts = [ex.text for ex in data[TASKS[0]][1][:4]]
-        enc = tok(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
-        full = bert(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        ref = (full * mask).sum(1) / mask.sum(1)
-        torch.testing.assert_close(top(**lower.batch(texts)), ref, rtol=1e-4, atol=1e-4)
-    zero_shot = {n: accuracy(top, lower, data[n][1], args) for n in data}
-    print(f"zero-shot: {zero_shot}", flush=True)
-    results: dict = {"zero_shot": zero_shot, "args": {k: v for k, v in vars(args).items()}}
-    for arm in args.arms:
-        t0 = time.time()
+    results: dict = {"args": {k: v for k, v in vars(args).items()}, "seeds": {}}
+    lrs = {
+        "seq_lora": args.lr,
+        "olora": args.lr_olora or args.lr,
+        "subspace": args.lr_subspace,
+        "osf": args.lr_osf,
+    }
+    for n, seed in enumerate(args.seeds):
+        data, lower, top = prepare(bert, tok, args, seed)
+        zero_shot = {n: accuracy(top, lower, data[n]["test"], args) for n in data}
+        print(f"seed {seed}: data ready at {time.time() - start:.0f} s; zero-shot {zero_shot}", flush=True)
+        if n == 0 and args.tune:  # validation split of the first seed's draw only
+            results["tuning"] = tune_lrs(lrs, top, lower, data, args)
+            print(f"chosen on validation: {lrs}", flush=True)
+        results["lr"] = dict(lrs)
+        per_seed = results["seeds"][str(seed)] = {"zero_shot": zero_shot}
+        for arm in args.arms:
+            t0 = time.time()
+            per_seed[arm] = run_arm(arm, top, lower, data, args, seed, lrs)
+            per_seed[arm]["seconds"] = time.time() - t0
+            print(f"seed {seed}: {arm} done in {time.time() - t0:.0f} s", flush=True)
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+    for arm in args.arms:  # means over every seed and order
+        runs = [results["seeds"][str(s)][arm] for s in args.seeds]
         if arm == "multitask_lora":
-            results[arm] = {"accuracy": run_multitask(top, lower, data, args, args.seed)}
-        else:
-            per = []
-            for k, order in enumerate(args.orders):
-                R = run_sequence(arm, order, top, lower, data, args, args.seed + 100 * k)
-                aa, bwt = aa_bwt(R)
-                per.append({"order": [TASKS[i] for i in order], "R": R, "AA": aa, "BWT": bwt})
-            results[arm] = {
-                "orders": per,
-                "mean_AA": sum(o["AA"] for o in per) / len(per),
-                "mean_BWT": sum(o["BWT"] for o in per) / len(per),
-            }
-        results[arm]["seconds"] = time.time() - t0
-        print(f"{arm} done in {time.time() - t0:.0f} s", flush=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+            results[arm] = {"mean_AA": sum(r["AA"] for r in runs) / len(runs)}
+            continue
+        cells = [o for r in runs for o in r["orders"]]
+        results[arm] = {
+            "mean_AA": sum(o["AA"] for o in cells) / len(cells),
+            "mean_BWT": sum(o["BWT"] for o in cells) / len(cells),
+            "runs": len(cells),
+        }
     wall = time.time() - start
     results["wall_seconds"] = wall
     (out / "results.json").write_text(json.dumps(results, indent=1))
