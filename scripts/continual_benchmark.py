@@ -363,7 +363,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="choose each sequential arm's lr from its grid by validation AA on the first order "
-        "(else --lr, --lr-subspace, --lr-osf)",
+        "(else --lr, --lr-olora, --lr-subspace, --lr-osf)",
     )
     p.add_argument("--lr-grid", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3, 2e-3])
     p.add_argument("--lr-grid-osf", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4])
@@ -459,14 +459,15 @@ def main(argv=None) -> dict:
         "subspace": args.lr_subspace,
         "osf": args.lr_osf,
     }
-    for n, seed in enumerate(args.seeds):
+    for i, seed in enumerate(args.seeds):
         data, lower, top = prepare(bert, tok, args, seed)
         zero_shot = {n: accuracy(top, lower, data[n]["test"], args) for n in data}
         print(f"seed {seed}: data ready at {time.time() - start:.0f} s; zero-shot {zero_shot}", flush=True)
-        if n == 0 and args.tune:  # validation split of the first seed's draw only
-            results["tuning"] = tune_lrs(lrs, top, lower, data, args)
-            print(f"chosen on validation: {lrs}", flush=True)
-        results["lr"] = dict(lrs)
+        if i == 0:
+            if args.tune:  # validation split of the first seed's draw only
+                results["tuning"] = tune_lrs(lrs, top, lower, data, args)
+                print(f"chosen on validation: {lrs}", flush=True)
+            results["lr"] = dict(lrs)
         per_seed = results["seeds"][str(seed)] = {"zero_shot": zero_shot}
         for arm in args.arms:
             t0 = time.time()

@@ -195,24 +195,20 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def choose_ramp(o3, val: dict[str, list[dict]], val_utility: list[dict], args: BenchArgs) -> dict:
-    """The ``(full_z, zero_z)`` of ``args.ramp_grid`` with the largest ``mean w(forgotten tasks' validation
-    items) - mean w(kept tasks' and utility validation items)`` (first on ties). Nothing is refitted: only the
-    ramp over the calibrated scores moves (:meth:`O3Model.set_gate_ramp`)."""
+    """Set and return the ``(full_z, zero_z)`` of ``args.ramp_grid`` with the largest ``mean w(forgotten
+    tasks' validation items) - mean w(kept tasks' and utility validation items)`` (first on ties). Nothing is
+    refitted: only the ramp over the calibrated scores moves (:meth:`O3Model.set_gate_ramp`)."""
     forget = [r["prompt"] for t in args.forget for r in val[t]]
     kept = [r["prompt"] for t in args.keep for r in val[t]] + [r["prompt"] for r in val_utility]
-    grid = {}
+    grid, margin = {}, {}
     for full_z, zero_z in args.ramp_grid:
         o3.set_gate_ramp(full_z, zero_z)
         w_f, w_k = float(o3.gate_weights(forget).mean()), float(o3.gate_weights(kept).mean())
         grid[f"{full_z:g}/{zero_z:g}"] = {"w_forget_val": w_f, "w_kept_val": w_k}
+        margin[(full_z, zero_z)] = w_f - w_k
         say(args, f"ramp {full_z:g}/{zero_z:g}: validation mean w forgotten {w_f:.3f}, kept {w_k:.3f}")
-
-    def margin(fz: tuple[float, float]) -> float:
-        g = grid[f"{fz[0]:g}/{fz[1]:g}"]
-        return g["w_forget_val"] - g["w_kept_val"]
-
-    best = max(args.ramp_grid, key=margin)
-    o3.set_gate_ramp(args.gate_full_z, args.gate_zero_z)
+    best = max(args.ramp_grid, key=margin.__getitem__)
+    o3.set_gate_ramp(*best)
     return {"chosen": list(best), "grid": grid}
 
 
@@ -299,7 +295,6 @@ def run(args: BenchArgs) -> dict:
     results[label] = evaluate_all(o3, tok, sets, args, context=gated)
     say(args, f"{label}: {results[label]}")
     ramp = choose_ramp(o3, val, val_utility, args)
-    o3.set_gate_ramp(*ramp["chosen"])
     label = f"O3, gate on (ramp {ramp['chosen'][0]:g}/{ramp['chosen'][1]:g} chosen on validation)"
     results[label] = evaluate_all(o3, tok, sets, args, context=gated)
     say(args, f"{label}: {results[label]}")

@@ -164,6 +164,13 @@ def test_set_gate_ramp_moves_every_request_and_is_saved(unlearned, tok):
         with pytest.raises(ValueError, match="full_z < zero_z"):
             model.set_gate_ramp(2.0, 1.0)
         assert torch.equal(stats.ramp, saved[2]) and config.gate_zero_z == saved[1]
+        fresh = make_model(tmp, tok)  # no calibrated request: the bad values are still refused
+        with pytest.raises(ValueError, match="full_z < zero_z"):
+            fresh.set_gate_ramp(2.0, 1.0)
+        assert (fresh.peft_config["default"].gate_full_z, fresh.peft_config["default"].gate_zero_z) == (
+            1.0,
+            2.0,
+        )
         model.set_gate_ramp(0.5, 2.0)
         mu, sd = (float(v) for v in stats.center)
         score = model.gate_scores(texts)["math"].double()

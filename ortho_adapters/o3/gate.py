@@ -27,7 +27,7 @@ import torch
 
 from .config import O3Config
 from .detector import Detector
-from .scores import RequestStats, aggregate, soft_weight
+from .scores import RequestStats, aggregate, check_ramp, ramp, soft_weight
 
 REQUEST_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -97,6 +97,16 @@ class GateState:
             self.gates[adapter_name] = AdapterGate(config)
         self.gates[adapter_name].config = config
         return self.gates[adapter_name]
+
+    def set_ramp(self, adapter_name: str, config: O3Config, full_z: float, zero_z: float) -> None:
+        """Move every calibrated request's ramp of ``adapter_name`` (nothing refitted) and record the values
+        in ``config``; invalid values raise before anything changes."""
+        check_ramp(full_z, zero_z)
+        gate = self.gate(adapter_name, config)
+        for stats in gate.stats.values():
+            stats.ramp = ramp(stats.center, full_z, zero_z)
+        config.gate_full_z, config.gate_zero_z = float(full_z), float(zero_z)
+        self._cache = None  # weights cached for the current explicit texts are stale
 
     def drop(self, adapter_name: str) -> None:
         self.gates.pop(adapter_name, None)

@@ -80,16 +80,8 @@ class O3Model(OrthoTuner):
         """Move every calibrated request's ramp to ``w = 1`` above ``mu - full_z * sd`` and ``w = 0`` below
         ``mu - zero_z * sd`` (held-out ``mu, sd`` kept from calibration; nothing is refitted), and store the
         values in the config so they are saved with the adapter. Invalid values change nothing."""
-        from .scores import ramp
-
         name = adapter_name or self.active_adapters[0]
-        config: O3Config = self.peft_config[name]
-        gate = self.o3_gate_state.gate(name, config)
-        ramps = {request: ramp(stats.center, full_z, zero_z) for request, stats in gate.stats.items()}
-        for request, value in ramps.items():
-            gate.stats[request].ramp = value
-        config.gate_full_z, config.gate_zero_z = float(full_z), float(zero_z)
-        self.o3_gate_state._cache = None
+        self.o3_gate_state.set_ramp(name, self.peft_config[name], full_z, zero_z)
 
     def start_request(self, name: str, adapter_name: Optional[str] = None) -> None:
         """Begin request ``name``: freeze the current LoRA (if a request owns it) and start a new one."""

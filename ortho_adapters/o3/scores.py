@@ -101,10 +101,15 @@ def soft_weight(stats: RequestStats, score: torch.Tensor) -> torch.Tensor:
     return ((score - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
-def ramp(center: torch.Tensor, full_z: float, zero_z: float) -> torch.Tensor:
-    """``(lo, hi) = (mu - zero_z * sd, mu - full_z * sd)`` from ``center = (mu, sd)``."""
+def check_ramp(full_z: float, zero_z: float) -> None:
+    """Raise unless ``0 <= full_z < zero_z``."""
     if not 0 <= full_z < zero_z:
         raise ValueError(f"the gate ramp needs 0 <= full_z < zero_z, got {full_z}, {zero_z}")
+
+
+def ramp(center: torch.Tensor, full_z: float, zero_z: float) -> torch.Tensor:
+    """``(lo, hi) = (mu - zero_z * sd, mu - full_z * sd)`` from ``center = (mu, sd)``."""
+    check_ramp(full_z, zero_z)
     mu, sd = center[0], center[1]
     return torch.stack([mu - zero_z * sd, mu - full_z * sd]).float()
 
