@@ -10,8 +10,7 @@ example's candidates (the label words for classification tasks, the example's op
 choice). No task-specific head, no task id.
 
 Arms: sequential LoRA (PEFT LoRA trained task after task), O-LoRA (``OrthoLoraConfig(mode="olora")``, its
-penalty in the loss), subspace (``OrthoLoraConfig(mode="subspace")``; ``subspace_train_a``, not run by
-default: the same with ``train_a=True``), PEFT ``osf`` (re-applied on the merged
+penalty in the loss), subspace (``OrthoLoraConfig(mode="subspace")``), PEFT ``osf`` (re-applied on the merged
 weights for each task, ``merge_and_unload`` between tasks; preserved rank grows per task) and multitask LoRA
 (all tasks' data at once: the upper reference, AA only).
 
@@ -48,7 +47,7 @@ ORDERS = (
     (3, 2, 1, 0),
     (1, 3, 0, 2),
 )
-ARMS = ("seq_lora", "olora", "subspace", "subspace_train_a", "osf", "multitask_lora")
+ARMS = ("seq_lora", "olora", "subspace", "osf", "multitask_lora")
 # every linear layer of the adapted blocks whose input is the 384-dim hidden state (not the FFN's 1536->384
 # output projection: its 1536 x 1536 eigendecompositions would dominate the subspace arm's CPU time)
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
@@ -216,15 +215,9 @@ def run_sequence(arm: str, order: tuple[int, ...], top: TopEncoder, lower: Froze
     model: nn.Module = copy.deepcopy(top)
     if arm == "seq_lora":
         model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=TARGETS))
-    elif arm in ("olora", "subspace", "subspace_train_a"):
+    elif arm in ("olora", "subspace"):
         cfg = OrthoLoraConfig(
-            mode="olora" if arm == "olora" else "subspace",
-            train_a=arm == "subspace_train_a",
-            r=args.r,
-            alpha=args.alpha,
-            target_modules=TARGETS,
-            energy=args.energy,
-            l1=args.l1,
+            mode=arm, r=args.r, alpha=args.alpha, target_modules=TARGETS, energy=args.energy, l1=args.l1
         )
         model = get_peft_model(model, cfg)
     R: list[list[float]] = []
@@ -234,7 +227,7 @@ def run_sequence(arm: str, order: tuple[int, ...], top: TopEncoder, lower: Froze
         if arm == "osf":
             rank = args.osf_rank_step * t  # preserved (frozen) share of each weight's spectrum grows per task
             model = get_peft_model(model, OSFConfig(target_modules=TARGETS, effective_rank=rank or 1))
-        elif arm.startswith("subspace"):
+        elif arm == "subspace":
             start_data = stats_batches(lower, train_ex, args.stats_examples, args.batch_size)
             start_task(model, name, start_data if args.subspace_a == "data" else None)
         elif arm == "olora":
@@ -243,7 +236,7 @@ def run_sequence(arm: str, order: tuple[int, ...], top: TopEncoder, lower: Froze
         train(model, lower, train_ex, args, lr, seed + t, penalty, desc=f"{arm} {t + 1}/{len(names)} {name}")
         if arm == "osf":
             model = model.merge_and_unload()
-        elif arm.startswith("subspace"):
+        elif arm == "subspace":
             ks = end_task(model, stats_batches(lower, train_ex, args.stats_examples, args.batch_size))
             print(
                 f"    subspace basis dims after {name}: min {min(ks.values())}, max {max(ks.values())}",
@@ -400,13 +393,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--n-orders", type=int, default=3)
     p.add_argument("--n-tasks", type=int, default=4)
-    p.add_argument(
-        "--arms",
-        nargs="+",
-        default=[a for a in ARMS if a != "subspace_train_a"],
-        choices=ARMS,
-        help="default: every arm but subspace_train_a (subspace mode with train_a=True)",
-    )
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="data draws and inits (tune: first)"
     )
@@ -470,7 +457,6 @@ def main(argv=None) -> dict:
         "seq_lora": args.lr,
         "olora": args.lr_olora or args.lr,
         "subspace": args.lr_subspace,
-        "subspace_train_a": args.lr_subspace,
         "osf": args.lr_osf,
     }
     for i, seed in enumerate(args.seeds):

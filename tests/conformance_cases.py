@@ -63,14 +63,6 @@ METHOD_CASES: dict[str, MethodCase] = {
         lambda shapes, cfg: sum(m * cfg.r for m, _ in shapes),  # only the current task's B trains
         trainer_lr=0.3,  # frozen orthonormal A and s = 1, like FedSVD
     ),
-    "ortho_lora_subspace_train_a": MethodCase(
-        "ortho_lora_subspace_train_a",
-        lambda targets, **kw: ortho_adapters.OrthoLoraConfig(
-            target_modules=list(targets), **{"r": 4, "alpha": 4.0, "train_a": True, **kw}
-        ),
-        lambda shapes, cfg: sum(cfg.r * (m + n) for m, n in shapes),  # the current task's A and B
-        trainer_lr=0.3,  # orthonormal A start and s = 1, like the frozen-A variant
-    ),
     "ortho_lora_olora": MethodCase(
         "ortho_lora_olora",
         lambda targets, **kw: ortho_adapters.OrthoLoraConfig(

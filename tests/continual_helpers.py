@@ -37,9 +37,7 @@ def base_model(seed: int = 0) -> WideMLP:
 
 
 def make_model(mode: str = "subspace", **overrides) -> nn.Module:
-    """``mode``: ``"subspace"``, ``"olora"`` or ``"subspace_train_a"`` (subspace with ``train_a=True``)."""
-    kwargs = {"target_modules": ["lin0", "lin1"], "r": 4, "energy": [0.97, 0.99]}
-    kwargs |= {"mode": mode.removesuffix("_train_a"), "train_a": mode.endswith("_train_a"), **overrides}
+    kwargs = {"target_modules": ["lin0", "lin1"], "r": 4, "mode": mode, "energy": [0.97, 0.99], **overrides}
     return get_peft_model(base_model(), OrthoLoraConfig(**kwargs))
 
 
@@ -82,6 +80,6 @@ def inputs_only(batches: list[dict]) -> list[dict]:
 def run_task(model: nn.Module, name: str, task: int, mode: str) -> None:
     """``start_task`` (with the task's data in subspace mode) -> train -> ``end_task``."""
     data = task_batches(task)
-    start_task(model, name, inputs_only(data) if mode.startswith("subspace") else None)
+    start_task(model, name, inputs_only(data) if mode == "subspace" else None)
     train_task(model, data, seed=task)
     end_task(model, inputs_only(data))

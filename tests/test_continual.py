@@ -53,14 +53,12 @@ def current_delta(layer: OrthoLoraLayer) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- (a) subspace guarantee
-@pytest.mark.parametrize("mode", ["subspace", "subspace_train_a"])
-def test_subspace_update_leaves_earlier_input_bases_untouched_under_adamw(mode):
-    model = make_model(mode)
-    run_task(model, "t0", 0, mode)
-    run_task(model, "t1", 1, mode)
+def test_subspace_update_leaves_earlier_input_bases_untouched_under_adamw():
+    model = make_model("subspace")
+    run_task(model, "t0", 0, "subspace")
+    run_task(model, "t1", 1, "subspace")
     data = task_batches(2)
     start_task(model, "t2", inputs_only(data))
-    a_start = {n: layer.current_a("default").detach().clone() for n, layer in layers(model).items()}
     g = torch.Generator().manual_seed(7)
     probes, before = {}, {}
     for name, layer in layers(model).items():
@@ -80,23 +78,10 @@ def test_subspace_update_leaves_earlier_input_bases_untouched_under_adamw(mode):
         assert delta.norm() > 1e-2, "task t2 did not train: the check would be vacuous"
         share = (delta @ m).norm() / delta.norm()
         assert share < 1e-4, (name, float(share))
-        a_moved = float((layer.current_a("default").detach() - a_start[name]).norm())
-        assert (a_moved > 1e-2) == (mode == "subspace_train_a"), (name, a_moved)  # A trains only with train_a
-    # the tasks were learnt; the basis grows when t2 ends, and ending t2 does not change what it learnt
+    # the tasks were learnt; the basis grows when t2 ends
     dims = {n: layer.basis("default").shape[1] for n, layer in layers(model).items()}
-    old_bases = {n: layer.basis("default").double().clone() for n, layer in layers(model).items()}
-    x = torch.cat([b["x"] for b in data])
-    with torch.no_grad():
-        out_open = model(x=x)["logits"]
     new_dims = end_task(model, inputs_only(data))
     assert all(new_dims[n] >= dims[n] for n in dims) and any(new_dims[n] > dims[n] for n in dims)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x=x)["logits"], out_open, rtol=1e-5, atol=1e-6)
-    for name, layer in layers(
-        model
-    ).items():  # the stored (closed) A_t still avoids the bases it trained with
-        delta = current_delta(layer)
-        assert (delta @ old_bases[name]).norm() / delta.norm() < 1e-4, name
 
 
 def test_sequential_lora_does_move_the_same_probes():
@@ -138,7 +123,7 @@ def test_inference_sums_every_task_and_merge_folds_them_in():
 
 # ---------------------------------------------------------------------------------- (b) save and resume
 @pytest.mark.slow  # a fresh interpreter per mode: ~30 s on the shared 2-core machine
-@pytest.mark.parametrize("mode", ["subspace", "olora", "subspace_train_a"])
+@pytest.mark.parametrize("mode", ["subspace", "olora"])
 def test_resume_after_task2_in_fresh_process_gives_identical_weights(mode, tmp_path):
     model = make_model(mode)
     run_task(model, "t1", 1, mode)
@@ -158,42 +143,10 @@ def test_resume_after_task2_in_fresh_process_gives_identical_weights(mode, tmp_p
     got = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert want.keys() == got.keys()
     assert any("A_old" in k for k in want) and (mode == "olora" or any("_M" in k for k in want))
-    assert any("ortho_lora_A." in k for k in want) == (mode != "subspace")  # a trainable A is saved as one
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
     config = json.loads((tmp_path / "resumed" / "adapter_config.json").read_text())
     assert config["task_names"] == ["t1", "t2", "t3"] and config["tasks_ended"] == 3
-
-
-def test_train_a_reload_mid_task_keeps_the_projection(tmp_path):
-    """Saved while task t1 is open (A projected by t0's basis), reloaded: the same outputs and the projection
-    still applies, so training on after the reload keeps ``dW M = 0``."""
-    from peft import PeftModel
-
-    model = make_model("subspace_train_a")
-    run_task(model, "t0", 0, "subspace_train_a")
-    data = task_batches(1)
-    start_task(model, "t1", inputs_only(data))
-    train_task(model, data, steps=10)
-    model.save_pretrained(tmp_path / "open")
-    x = torch.cat([b["x"] for b in task_batches(4)])
-    with torch.no_grad():
-        want = model(x=x)["logits"]
-    loaded = PeftModel.from_pretrained(base_model(), tmp_path / "open", is_trainable=True)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x=x)["logits"], want, rtol=1e-6, atol=1e-6)
-    train_task(loaded, data, steps=10, lr=2e-2)
-    for name, layer in layers(loaded).items():
-        raw = layer.ortho_lora_A["default"].weight.detach().double()
-        m = layer.basis("default").double()
-        assert (raw @ m).norm() > 1e-3, "the raw leaf has a component in M: the check would be vacuous"
-        delta = current_delta(layer)
-        assert (delta @ m).norm() / delta.norm() < 1e-4, name
-
-
-def test_train_a_needs_subspace_mode():
-    with pytest.raises(ValueError, match="train_a"):
-        make_model("olora", train_a=True)
 
 
 # ----------------------------------------------------------------------------------------- (c) penalty

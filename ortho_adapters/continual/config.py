@@ -18,8 +18,6 @@ class OrthoLoraConfig(OrthoAdapterConfig):
     ``mode="subspace"`` (default): task ``t``'s ``A_t`` (r x n, orthonormal rows) is frozen and lies in the
     orthogonal complement of ``M``, the union of earlier tasks' input bases (each keeps ``energy`` of its
     task's input spectrum); only ``B_t`` (zero init) trains, so ``dW_t M = 0`` holds under any optimizer.
-    With ``train_a=True`` ``A_t`` trains too and is used through the projection ``A_t (I - M M^T)``, so
-    ``dW_t M = 0`` still holds exactly (structural, not a penalty); ``end_task`` stores the projected ``A_t``.
     ``mode="olora"``: ``A_t`` (kaiming) and ``B_t`` (zero) train; the loss gets
     ``l1 * sum |A_old A_t^T| + l2 * (||A_t||_F + ||B_t||_F)`` (see :mod:`ortho_adapters.continual.penalty`).
 
@@ -36,10 +34,6 @@ class OrthoLoraConfig(OrthoAdapterConfig):
             task, GPM / InfLoRA style). Default 0.99: the uncentred input covariance of transformer hidden
             states is dominated by one common direction, so 0.95 can keep a 1-dimensional basis (measured on
             MiniLM) and leave a task's discriminative directions unprotected.
-        train_a: subspace mode: also train ``A_t``, used as ``A_t (I - M M^T)`` (starts at the same rows as
-            the frozen variant). It lets each task choose its input directions inside the complement by
-            gradient, not only by input energy (more plasticity, twice the trainable values); default False
-            (the frozen ``A`` of GPM / InfLoRA).
         l1: weight of O-LoRA's orthogonality penalty ``sum |A_old A_t^T|`` (olora mode).
         l2: weight of the norm penalty on the current task's factors (olora mode).
         init_seed: seed of the random parts (subspace ``A`` without data, olora kaiming ``A``), mixed with the
@@ -56,9 +50,6 @@ class OrthoLoraConfig(OrthoAdapterConfig):
     energy: Union[float, list[float]] = field(
         default_factory=lambda: [0.99],
         metadata={"help": "Spectrum share each task's input basis keeps; a list rises per task."},
-    )
-    train_a: bool = field(
-        default=False, metadata={"help": "Subspace mode: train A too, projected onto the complement of M."}
     )
     l1: float = field(default=0.5, metadata={"help": "O-LoRA orthogonality penalty weight."})
     l2: float = field(default=0.0, metadata={"help": "O-LoRA norm penalty weight."})
@@ -79,10 +70,6 @@ class OrthoLoraConfig(OrthoAdapterConfig):
             )
         if isinstance(self.energy, tuple):
             self.energy = list(self.energy)
-        if self.train_a and self.mode != "subspace":
-            raise ValueError(
-                "OrthoLoraConfig.train_a applies to mode='subspace' (in 'olora' mode A always trains)"
-            )
         if self.l1 < 0 or self.l2 < 0:
             raise ValueError(f"OrthoLoraConfig.l1 and l2 must be >= 0, got {self.l1}, {self.l2}")
         if not isinstance(self.init_seed, int) or isinstance(self.init_seed, bool):

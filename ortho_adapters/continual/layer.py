@@ -3,9 +3,7 @@
 Per adapter the layer keeps the current task's factors and the earlier tasks' factors stacked:
 
 * ``ortho_lora_B`` (ModuleDict): the current task's ``B`` (m x r) as an ``nn.Linear(r, m)`` leaf (trains);
-* ``ortho_lora_A`` (ModuleDict, olora mode, or subspace mode with ``train_a``): the current ``A`` (r x n), an
-  ``nn.Linear(n, r)`` leaf (trains); in subspace mode it is used as ``A (I - M M^T)`` while its task is open,
-  and ``end_task`` stores that projection in the leaf;
+* ``ortho_lora_A`` (ModuleDict, olora mode): the current ``A`` (r x n), an ``nn.Linear(n, r)`` leaf (trains);
 * ``ortho_lora_A_fixed`` (BufferDict, subspace mode): the current ``A``, frozen (orthonormal rows);
 * ``ortho_lora_A_old`` / ``ortho_lora_B_old`` (BufferDicts): ``[A_1; ...; A_{T-1}]`` ((T-1) r x n) and
   ``[B_1, ..., B_{T-1}]`` (m x (T-1) r), so the frozen tasks' sum is one product ``B_old A_old``;
@@ -74,22 +72,14 @@ class OrthoLoraLayer(OrthoLayer):
         self.ortho_lora_A_old = BufferDict(persistent=True)
         self.ortho_lora_B_old = BufferDict(persistent=True)
         self.ortho_lora_M = WidthFlexibleBufferDict()
-        # subspace mode with train_a: {adapter: whether the current A is still projected (its task is open)}
-        self.projected_a: dict[str, bool] = {}
 
     def create_adapter(self, adapter_name: str, config: OrthoLoraConfig) -> None:
         r, n, m = self.r[adapter_name], self.in_features, self.out_features
         self.scaling[adapter_name] = config.alpha / r
         current = max(len(config.task_names) - 1, 0)  # index of the current task slot
         seed = task_seed(config.init_seed, f"{self.module_name}.{adapter_name}", current)
-        if config.mode == "subspace" and not config.train_a:
+        if config.mode == "subspace":
             self.ortho_lora_A_fixed[adapter_name] = random_orthonormal_rows(r, n, seed)
-        elif config.mode == "subspace":
-            self.ortho_lora_A[adapter_name] = self._a_leaf(random_orthonormal_rows(r, n, seed))
-            # the current slot is closed once end_task has run for every started task
-            self.projected_a[adapter_name] = not (
-                config.task_names and config.tasks_ended == len(config.task_names)
-            )
         else:
             self.ortho_lora_A[adapter_name] = self._a_leaf(kaiming_rows(r, n, seed))
         leaf = nn.Linear(r, m, bias=False, dtype=torch.float32)
@@ -115,17 +105,10 @@ class OrthoLoraLayer(OrthoLayer):
 
     # ----- factors --------------------------------------------------------------------------------
     def current_a(self, adapter_name: str) -> torch.Tensor:
-        """The current task's ``A`` (r x n): the frozen buffer (subspace), the trainable leaf (olora), or, in
-        subspace mode with ``train_a`` while the task is open, the leaf projected as ``A (I - M M^T)``
-        (computed in fp32)."""
+        """The current task's ``A`` (r x n): the frozen buffer (subspace) or the trainable leaf (olora)."""
         if adapter_name in self.ortho_lora_A_fixed:
             return self.ortho_lora_A_fixed[adapter_name]
-        a = self.ortho_lora_A[adapter_name].weight
-        m = self.basis(adapter_name)
-        if not self.projected_a.get(adapter_name, False) or m is None or m.shape[1] == 0:
-            return a
-        a32, m32 = a.float(), m.float()
-        return (a32 - (a32 @ m32) @ m32.t()).to(a.dtype)
+        return self.ortho_lora_A[adapter_name].weight
 
     def basis(self, adapter_name: str) -> torch.Tensor | None:
         """``M`` (n x k) of the finished tasks (subspace mode), or None before the first ``end_task``."""
@@ -176,30 +159,19 @@ class OrthoLoraLayer(OrthoLayer):
             leaf = self._a_leaf(new_a.float()).to(device=device, dtype=dtype)
             leaf.requires_grad_(trainable)
             self.ortho_lora_A[adapter_name] = leaf
-            if adapter_name in self.projected_a:
-                self.projected_a[adapter_name] = True
 
-    @torch.no_grad()
     def replace_current_a(self, adapter_name: str, new_a: torch.Tensor) -> None:
         """Set the (untrained, subspace-mode) current ``A`` -- used when the first task brings data."""
-        if adapter_name in self.ortho_lora_A_fixed:
-            old = self.ortho_lora_A_fixed[adapter_name]
-            self.ortho_lora_A_fixed[adapter_name] = new_a.to(device=old.device, dtype=old.dtype).contiguous()
-        else:
-            self.ortho_lora_A[adapter_name].weight.copy_(new_a)
+        old = self.ortho_lora_A_fixed[adapter_name]
+        self.ortho_lora_A_fixed[adapter_name] = new_a.to(device=old.device, dtype=old.dtype).contiguous()
 
     def set_basis(self, adapter_name: str, m: torch.Tensor) -> None:
         """Store ``M`` (n x k) in fp32 on the layer's device."""
         device = self.ortho_lora_B[adapter_name].weight.device
         self.ortho_lora_M[adapter_name] = m.to(device=device, dtype=torch.float32).contiguous()
 
-    @torch.no_grad()
     def freeze_current(self, adapter_name: str) -> None:
-        """Stop the current task's factors from training (``end_task``, before the basis grows). A projected
-        trainable ``A`` is replaced by its projection ``A (I - M M^T)`` under the basis it trained with."""
-        if self.projected_a.get(adapter_name, False):
-            self.ortho_lora_A[adapter_name].weight.copy_(self.current_a(adapter_name))
-            self.projected_a[adapter_name] = False
+        """Stop the current task's factors from training (``end_task``)."""
         for container in (self.ortho_lora_B, self.ortho_lora_A):
             if adapter_name in container:
                 container[adapter_name].requires_grad_(False)

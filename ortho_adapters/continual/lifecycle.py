@@ -159,10 +159,10 @@ def end_task(
         energy = config.energy_for_task(config.tasks_ended)
         for lname, layer in layers.items():
             bases[lname] = extend_basis(layer.basis(adapter_name), covs[lname], energy)
-    # commit (freeze first: a trainable A is stored projected under the basis it trained with)
+    # commit
     for lname, layer in layers.items():
-        layer.freeze_current(adapter_name)
         if lname in bases:
             layer.set_basis(adapter_name, bases[lname])
+        layer.freeze_current(adapter_name)
     config.tasks_ended += 1
     return {lname: int(m.shape[1]) for lname, m in bases.items()}
