@@ -32,6 +32,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ortho_adapters.o3.config import O3Config
+
 LETTERS = "ABCDEFGH"
 
 
@@ -51,8 +53,8 @@ class BenchArgs:
     unlearn_lr: float = 3e-3
     ga_lr: float = 3e-4
     detector_epochs: int = 3
-    gate_full_z: float = 1.0
-    gate_zero_z: float = 2.0
+    gate_full_z: float = O3Config.gate_full_z  # the package's default ramp, not a copy of it
+    gate_zero_z: float = O3Config.gate_zero_z
     ramp_grid: tuple[tuple[float, float], ...] = (
         (1.0, 2.0), (1.0, 4.0), (2.0, 3.0), (2.0, 5.0), (3.0, 4.0), (3.0, 6.0), (3.0, 12.0),
     )  # fmt: skip
