@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-save-adapter", dest="save_adapter", action="store_false")
     sub.add_parser(
         "fetch-assets",
-        help="install and cache the offline models and data sets (--no-bigbench, --no-smollm2)",
+        help="install and cache the offline models and data sets (--only / --skip ASSET, --list, --force)",
     )
     add_federated_parser(sub)
     return parser

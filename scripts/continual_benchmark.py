@@ -39,9 +39,10 @@ from tqdm.auto import tqdm
 
 from ortho_adapters import OrthoLoraConfig
 from ortho_adapters.continual import end_task, olora_penalty, start_task
-from ortho_adapters.data import load_bigbench_task, load_minilm, load_rotten_tomatoes
+from ortho_adapters.data import load_minilm, load_rotten_tomatoes
+from ortho_adapters.tasks import load_task as load_task_table
 
-TASKS = ("rotten_tomatoes", "intent_recognition", "vitaminc_fact_verification", "social_iqa")
+TASKS = ("rotten_tomatoes", "sarcasm", "corr2cause", "social_iqa")
 ORDERS = (
     (0, 1, 2, 3),
     (3, 2, 1, 0),
@@ -72,7 +73,7 @@ def load_task(name: str, n_train: int, n_val: int, n_test: int, seed: int) -> di
             for split in ("train", "test")
         )
         return {"train": train[:n_train], "val": train[n_train:], "test": test}
-    ds = load_bigbench_task(name)
+    ds = load_task_table(name)
     if n_test + n_train + n_val > len(ds):
         raise ValueError(f"{name} has {len(ds)} rows, fewer than {n_test + n_train + n_val} requested")
     order = list(range(len(ds)))

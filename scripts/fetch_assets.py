@@ -1,4 +1,4 @@
-"""Install and cache the offline models and data sets: ``python scripts/fetch_assets.py [--no-bigbench]``."""
+"""Install and cache the offline models and data sets: ``python scripts/fetch_assets.py [--only A ..]``."""
 
 from __future__ import annotations
 

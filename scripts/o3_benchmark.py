@@ -1,5 +1,6 @@
-"""O3 unlearning benchmark: SmolLM2-135M fine-tuned on BIG-bench multiple-choice tasks, then two sequential
-unlearning requests (each forgets one task); O3 (gate on / off) vs gradient-ascent and random-label LoRAs.
+"""O3 unlearning benchmark: SmolLM2-135M fine-tuned on multiple-choice tasks (:mod:`ortho_adapters.tasks`),
+then two sequential unlearning requests (each forgets one task); O3 (gate on / off) vs gradient-ascent
+and random-label LoRAs.
 
 1. "before": SmolLM2-135M-Instruct + a LoRA (r 16, all 7 projections) fine-tuned on the train items of the
    forget and kept tasks, merged into the weights.
@@ -39,9 +40,9 @@ LETTERS = "ABCDEFGH"
 
 @dataclass
 class BenchArgs:
-    forget: tuple[str, ...] = ("elementary_math_qa", "intent_recognition")
-    keep: tuple[str, ...] = ("social_iqa", "strategyqa")
-    utility: str = "vitaminc_fact_verification"
+    forget: tuple[str, ...] = ("arithmetic", "sarcasm")
+    keep: tuple[str, ...] = ("social_iqa", "quartz")
+    utility: str = "corr2cause"
     n_train: int = 32
     n_eval: int = 32
     n_val: int = 16  # per task, for choosing the gate ramp only (never reported as a result)
@@ -76,9 +77,9 @@ def say(args: BenchArgs, msg: str) -> None:
 # ------------------------------------------------------------------------------------------------ data
 def mc_rows(task: str, n: int, offset: int, args: BenchArgs) -> list[dict]:
     """``n`` items of ``task`` from ``offset`` in a seeded order, as letter-choice rows."""
-    from ortho_adapters import data
+    from ortho_adapters.tasks import load_task
 
-    ds = data.load_bigbench_task(task)
+    ds = load_task(task)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(ds))[offset : offset + n]
     if len(order) < n:

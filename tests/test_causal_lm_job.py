@@ -219,11 +219,11 @@ def test_bad_combinations_are_refused(kwargs, match):
 def test_held_out_rows_are_seeded_and_independent_of_n_train():
     from ortho_adapters.jobs.lm_tasks import load_rows
 
-    train_a, test_a = load_rows("strategyqa", 10, 20, seed=0)
-    train_b, test_b = load_rows("strategyqa", 50, 20, seed=0)
+    train_a, test_a = load_rows("quartz", 10, 20, seed=0)
+    train_b, test_b = load_rows("quartz", 50, 20, seed=0)
     assert test_a == test_b and train_b[:10] == train_a and len(train_b) == 50
     assert not {r["input"] for r in test_a} & {r["input"] for r in train_b}
-    assert load_rows("strategyqa", 10, 20, seed=1)[1] != test_a
+    assert load_rows("quartz", 10, 20, seed=1)[1] != test_a
 
 
 def test_results_round_trip_as_strict_json(tmp_path):

@@ -37,8 +37,6 @@ def test_minilm_detector_separates_forget_from_kept():
 
 
 def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
-    if not (data.bigbench_dir() / "social_iqa" / "task.json").exists():
-        pytest.skip("BIG-bench tasks are not cached (python scripts/fetch_assets.py)")
     sys.path.insert(0, str(SCRIPTS))
     import o3_benchmark
 

@@ -4,7 +4,8 @@
 - :mod:`.args`: its arguments and per-model defaults
 - :mod:`.methods`: the adapter methods (configs, tuned rank / learning rate)
 - :mod:`.encoder`: MiniLM + mean-pooling classifier on Rotten Tomatoes
-- :mod:`.causal_lm`: SmolLM2-135M on Rotten Tomatoes / BIG-bench (Trainer, 4-bit, checkpointing)
+- :mod:`.causal_lm`: SmolLM2-135M on Rotten Tomatoes and the tasks of ``ortho_adapters.tasks``
+  (Trainer, 4-bit, checkpointing)
 - :mod:`.lm_tasks`: those tasks as chat prompts; :mod:`.scoring`: answer-only labels, option
   log-likelihoods, generation exact match
 - :mod:`.report`: result rows, tables, results files, peak memory

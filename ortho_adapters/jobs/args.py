@@ -7,19 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..tasks import TASK_NAMES, check_task_name
 from .methods import CAUSAL_LM, ENCODER
 
 MODELS: dict[str, str] = {"minilm": ENCODER, "smollm2": CAUSAL_LM}
 SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CAUSAL_LM_TASKS: tuple[str, ...] = (
-    "rotten_tomatoes",
-    "strategyqa",
-    "elementary_math_qa",
-    "arithmetic",
-    "social_iqa",
-    "intent_recognition",
-    "vitaminc_fact_verification",
-)
+CAUSAL_LM_TASKS: tuple[str, ...] = ("rotten_tomatoes", *TASK_NAMES)
+# Causal-LM tasks whose prompt frame (four sentence-long options) does not fit the model's default length.
+TASK_MAX_LENGTH: dict[str, int] = {"logiqa": 512}
 
 # Defaults of the fields left at None, per model. MiniLM's are the original main job's.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -84,12 +79,17 @@ def resolve(args: FinetuneArgs) -> FinetuneArgs:
         raise ValueError(f"unknown model {args.model!r}; choose one of {sorted(MODELS)}")
     tasks = CAUSAL_LM_TASKS if args.family == CAUSAL_LM else ("rotten_tomatoes",)
     if args.dataset not in tasks:
+        if args.family == CAUSAL_LM:
+            check_task_name(args.dataset)  # a retired BIG-bench task: the error names its replacement
         raise ValueError(f"unknown task {args.dataset!r} for {args.model}; choose one of {list(tasks)}")
     if args.quantize not in (None, "none", "4bit"):
         raise ValueError(f"--quantize must be '4bit' or 'none', got {args.quantize!r}")
     if args.family == ENCODER and args.quantize not in (None, "none"):
         raise ValueError("--quantize is supported for the causal-LM job (--model smollm2) only")
-    filled = {k: v for k, v in MODEL_DEFAULTS[args.model].items() if getattr(args, k) is None}
+    defaults = dict(MODEL_DEFAULTS[args.model])
+    if args.family == CAUSAL_LM and args.dataset in TASK_MAX_LENGTH:
+        defaults["max_length"] = TASK_MAX_LENGTH[args.dataset]
+    filled = {k: v for k, v in defaults.items() if getattr(args, k) is None}
     quantize = None if args.quantize == "none" else args.quantize
     return dataclasses.replace(args, quantize=quantize, **filled)
 

@@ -5,9 +5,9 @@ tokens, 2 epochs), LoRA-SB with gradient init on the query, value, attention-out
 projections (the official LoRA-SB GLUE targets), compared in the same run with a frozen-embedding
 logistic-regression baseline and PEFT LoRA r=8 on the same targets.
 
-``--model smollm2 --task T`` fine-tunes SmolLM2-135M-Instruct on Rotten Tomatoes or a BIG-bench task
-(:mod:`.causal_lm`); each arm runs in its own subprocess when there are several, so every arm's peak
-RSS is its own. Results go to ``<output-dir>/results.md`` and ``results.json``.
+``--model smollm2 --task T`` fine-tunes SmolLM2-135M-Instruct on Rotten Tomatoes or a task of
+``ortho_adapters.tasks`` (:mod:`.causal_lm`); each arm runs in its own subprocess when there are
+several, so every arm's peak RSS is its own. Results go to ``<output-dir>/results.md`` and ``results.json``.
 """
 
 from __future__ import annotations

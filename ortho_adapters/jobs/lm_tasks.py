@@ -1,4 +1,4 @@
-"""Tasks of the causal-LM job as chat prompts: Rotten Tomatoes and six BIG-bench tasks.
+"""Tasks of the causal-LM job as chat prompts: Rotten Tomatoes and the tasks of :mod:`ortho_adapters.tasks`.
 
 Prompt format (SmolLM2's chat template with a short system message, to keep CPU runs cheap)::
 
@@ -7,10 +7,10 @@ Prompt format (SmolLM2's chat template with a short system message, to keep CPU 
     \\n\\nAnswer with one of the options only.<|im_end|>\\n<|im_start|>assistant\\n
 
 and the answer is the assistant's reply ``{choice}<|im_end|>``. Tasks whose instruction names the
-options (Rotten Tomatoes: ``negative`` / ``positive``; strategyqa: ``Yes`` / ``No``) do not list them
-again; generative tasks (``arithmetic``) list none and ask for the number only.
-An input too long for ``max_length`` keeps its first and last tokens around `` ... `` (a claim at the
-end of a ``vitaminc`` input survives), so the question, the options and the answer are never cut.
+options (Rotten Tomatoes: ``negative`` / ``positive``; sarcasm, corr2cause, event_categories) do not
+list them again; generative tasks (``arithmetic``) list none and ask for the number only.
+An input too long for ``max_length`` keeps its first and last tokens around `` ... `` (the question at
+the end of a ``logiqa`` passage survives), so the question, the options and the answer are never cut.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from .. import data
+from ..tasks import check_task_name, load_task
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,20 @@ TASKS: dict[str, LMTask] = {
     t.name: t
     for t in (
         LMTask("rotten_tomatoes", "Is this movie review positive or negative?", list_options=False),
-        LMTask("strategyqa", "Answer the question with Yes or No.", list_options=False),
-        LMTask("elementary_math_qa", "Solve the math problem and pick the correct answer."),
-        LMTask("arithmetic", "Compute the answer. Reply with the number only.", generative=True),
         LMTask("social_iqa", "Read the situation and pick the best answer to the question."),
-        LMTask("intent_recognition", "Which intent does the utterance express?"),
+        LMTask("arithmetic", "Compute the answer. Reply with the number only.", generative=True),
+        LMTask("sarcasm", "Is this news headline sarcastic or not sarcastic?", list_options=False),
+        LMTask("quartz", "Complete the statement about science with the right option."),
+        LMTask("logiqa", "Read the passage and pick the option that answers the question."),
         LMTask(
-            "vitaminc_fact_verification",
-            "Given the evidence and the claim, is the claim True, False or Neither (not enough information)?",
+            "corr2cause",
+            "Given the premise, is the hypothesis an entailment, a contradiction or neutral?",
+            list_options=False,
+        ),
+        LMTask(
+            "event_categories",
+            "Label this system log message as Information, Warning or Error.",
+            list_options=False,
         ),
     )
 }
@@ -67,18 +74,19 @@ RT_CHOICES = ("negative", "positive")  # label 0 = rotten, 1 = fresh
 
 
 def get_task(name: str) -> LMTask:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}") from None
+    """The task ``name``; a retired BIG-bench name raises an error naming its replacement."""
+    if name not in TASKS:
+        check_task_name(name)
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name]
 
 
 def load_rows(name: str, n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Seeded ``(train, test)`` rows ``{"input", "choices", "answer"}``; the test rows ignore ``n_train``.
 
     Rotten Tomatoes uses :func:`ortho_adapters.data.load_rotten_tomatoes` (the encoder job's split);
-    a BIG-bench task is shuffled with ``seed``, ``test`` takes the first ``n_eval`` rows and ``train``
-    the next ``n_train`` (fewer if the task is smaller).
+    another task (:mod:`ortho_adapters.tasks`) is shuffled with ``seed``, ``test`` takes the first
+    ``n_eval`` rows and ``train`` the next ``n_train`` (fewer if the task is smaller).
     """
     get_task(name)
     if name == "rotten_tomatoes":
@@ -90,7 +98,7 @@ def load_rows(name: str, n_train: int, n_eval: int, seed: int) -> tuple[list[dic
             ]
             for s in (splits["train"], splits["test"])
         )
-    table = data.load_bigbench_task(name)
+    table = load_task(name)
     if n_eval >= len(table):
         raise ValueError(f"n_eval={n_eval} leaves no training examples of {name} ({len(table)} rows)")
     order = np.random.default_rng(seed).permutation(len(table))
