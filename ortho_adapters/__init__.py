@@ -5,6 +5,7 @@ implemented method, so ``get_peft_model``, ``save_pretrained`` and ``PeftModel.f
 work with the configs below exactly as with PEFT's own methods.
 """
 
+from . import third_party_logs  # noqa: F401  (first: filters two offline warnings before peft imports bnb)
 from .continual import OrthoLoraConfig, OrthoLoraModel
 from .fedsvd import FedSVDConfig, FedSVDModel
 from .hut import HUTConfig, HUTModel

@@ -55,6 +55,28 @@ def tiny_llama(vocab_size: int = VOCAB, max_positions: int = 64) -> LlamaForCaus
     return LlamaForCausalLM(cfg)
 
 
+def tiny_nf4_llama(folder: str, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama (hidden 64: every projection's output is a multiple of 32, as bitsandbytes' CPU
+    inference packing needs) saved to ``folder`` and loaded back QLoRA style (nf4, fp32 compute)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.float32)
+
+
 def tiny_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64))
 
@@ -99,8 +121,17 @@ def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out["logits"] if isinstance(out, dict) else out.logits
 
 
-def tiny_lm_trainer(model: nn.Module, output_dir: str, lr: float, steps: int, batch_size: int, **kwargs):
-    """A ``Trainer`` on 8 seeded random token sequences (labels = inputs), logging every step, on the CPU."""
+def tiny_lm_trainer(
+    model: nn.Module,
+    output_dir: str,
+    lr: float,
+    steps: int,
+    batch_size: int,
+    evaluate: bool = False,
+    **kwargs,
+):
+    """A ``Trainer`` on 8 seeded random token sequences (labels = inputs), logging every step, on the CPU;
+    ``evaluate`` also gives it those sequences as its evaluation set."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
@@ -119,4 +150,4 @@ def tiny_lm_trainer(model: nn.Module, output_dir: str, lr: float, steps: int, ba
         use_cpu=True,
         **kwargs,
     )
-    return Trainer(model=model, args=args, train_dataset=data)
+    return Trainer(model=model, args=args, train_dataset=data, eval_dataset=data if evaluate else None)

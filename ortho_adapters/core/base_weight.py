@@ -3,7 +3,8 @@
 Plain ``nn.Linear``, transformers' ``Conv1D`` (stored ``(in, out)``) and bitsandbytes 8/4-bit layers
 (through PEFT's quantization backends) all look the same to the methods. Under DeepSpeed ZeRO-3 a weight
 partitioned at load (``zero3_init_flag``) is gathered for the read, as PEFT does for its data-derived
-LoRA inits, so that SVD / LU inits see the full matrix.
+LoRA inits, so that SVD / LU inits see the full matrix. A 4-bit weight that bitsandbytes repacked for
+its CPU inference kernel is restored first (see :mod:`.cpu_4bit`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import gather_params_ctx
 
+from .cpu_4bit import restore_4bit_layout
+
 
 def read_weight(layer: BaseTunerLayer) -> torch.Tensor:
     """Return a fresh fp32 ``(out_features, in_features)`` copy of the (dequantized) base weight."""
+    restore_4bit_layout(layer.get_base_layer())  # a CPU-packed 4-bit weight dequantizes to garbage
     with gather_params_ctx(layer.get_base_layer().weight, modifier_rank=None):  # no-op without ZeRO-3
         weight = layer.get_base_weight()
         if layer.fan_in_fan_out:

@@ -33,6 +33,7 @@ from transformers.pytorch_utils import Conv1D
 from ..kernels.dispatch import fused_forward
 from .base_weight import read_weight, write_weight
 from .config import OrthoAdapterConfig
+from .cpu_4bit import remember_4bit_state, restore_4bit_layout
 
 
 def is_supported_base(module: nn.Module) -> bool:
@@ -63,6 +64,8 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
                 "transformers' Conv1D and bitsandbytes 8/4-bit linear layers are supported"
             )
         self.quantization_backend = resolve_quantization_backend(base)
+        if self.quantization_backend is not None:
+            remember_4bit_state(base)
         self.in_features, self.out_features = _get_in_out_features(base)
         self.fan_in_fan_out = isinstance(base, Conv1D)
         self.module_name: str = kwargs.get("module_name", "")
@@ -232,11 +235,23 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
             if name in self.trainable_modules:
                 write_weight(self, self.unmerged_weight(name, read_weight(self)))
 
+    def _guard_4bit_layout(self, x: torch.Tensor) -> None:
+        """A forward that needs gradients gets the usual 4-bit layout back (bitsandbytes' CPU inference
+        layout has no autograd, and bitsandbytes packs only when neither condition holds); any other
+        forward first remembers the exact quantization state, in case bitsandbytes packs (:mod:`.cpu_4bit`).
+        """
+        if torch.is_grad_enabled() and (self.training or x.requires_grad):
+            restore_4bit_layout(self.get_base_layer())
+        else:
+            remember_4bit_state(self.get_base_layer())
+
     def active_adapter_names(self) -> list[str]:
         """Active adapters that exist on this layer."""
         return [name for name in self.active_adapters if name in self.trainable_modules]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.quantization_backend is not None:
+            self._guard_4bit_layout(x)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

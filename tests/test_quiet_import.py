@@ -1,0 +1,27 @@
+"""``import ortho_adapters`` (and so every command) prints nothing in offline mode, while other records of
+the filtered loggers still show."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+SCRIPT = """
+import logging
+import ortho_adapters  # imports peft, which imports bitsandbytes
+logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another bitsandbytes warning")
+logging.getLogger("kernels._internals.hf_hub").warning("Skipping publisher trust check for 'someone/else'")
+"""
+
+
+def test_offline_import_is_silent_but_other_warnings_show() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, check=True
+    )
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "another bitsandbytes warning",
+        "Skipping publisher trust check for 'someone/else'",
+    ]
