@@ -7,6 +7,7 @@ work with the configs below exactly as with PEFT's own methods.
 
 from . import third_party_logs  # noqa: F401  (first: filters two offline warnings before peft imports bnb)
 from .continual import OrthoLoraConfig, OrthoLoraModel
+from .core.finite import NonFiniteError
 from .fedsvd import FedSVDConfig, FedSVDModel
 from .hut import HUTConfig, HUTModel
 from .loldu import LoLDUConfig, LoLDUModel
@@ -26,6 +27,7 @@ __all__ = [
     "LoLDUModel",
     "LoraSBConfig",
     "LoraSBModel",
+    "NonFiniteError",
     "O3Config",
     "O3Model",
     "OrthoLoraConfig",

@@ -41,18 +41,24 @@ class UpDown(nn.Module):
         return self.down(torch.tanh(self.up(x)))
 
 
-def tiny_llama(vocab_size: int = VOCAB, max_positions: int = 64) -> LlamaForCausalLM:
-    """A 2-layer Llama (hidden 32, GQA 4/2 heads) with random weights from the global RNG."""
-    cfg = LlamaConfig(
+def tiny_llama_config(
+    vocab_size: int = VOCAB, max_positions: int = 64, hidden: int = 32, intermediate: int = 48
+) -> LlamaConfig:
+    """A 2-layer Llama config with GQA (4 query heads, 2 key/value heads)."""
+    return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,
     )
-    return LlamaForCausalLM(cfg)
+
+
+def tiny_llama(vocab_size: int = VOCAB, max_positions: int = 64) -> LlamaForCausalLM:
+    """A 2-layer Llama (hidden 32, GQA 4/2 heads) with random weights from the global RNG."""
+    return LlamaForCausalLM(tiny_llama_config(vocab_size, max_positions))
 
 
 def tiny_nf4_llama(folder: str, seed: int = 0) -> LlamaForCausalLM:
@@ -61,16 +67,7 @@ def tiny_nf4_llama(folder: str, seed: int = 0) -> LlamaForCausalLM:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    LlamaForCausalLM(tiny_llama_config(hidden=64, intermediate=128)).save_pretrained(folder)
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )

@@ -14,12 +14,14 @@ covariance when a dataloader is given, else r random orthonormal directions of t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..core.finite import check_base_weight
 from .config import OrthoLoraConfig
 from .layer import OrthoLoraLayer, kaiming_rows, task_seed
 from .subspace import collect_covariances, complement_rows, extend_basis
@@ -60,6 +62,46 @@ def resolve(model: nn.Module, adapter_name: Optional[str] = None) -> tuple[str, 
     return adapter_name, config, layers
 
 
+def _task_covariances(
+    model: nn.Module, layers: Mapping[str, OrthoLoraLayer], dataloader: Iterable, step: str
+):
+    """The layers' input covariances over ``dataloader`` after checking their base weights, for ``step``.
+
+    Raises :class:`~ortho_adapters.core.finite.NonFiniteError` (naming ``step`` and the layer) for a NaN / Inf
+    base weight or covariance, before anything is computed from them.
+    """
+    for lname, layer in layers.items():
+        check_base_weight(layer, step=step, layer=lname)
+    return collect_covariances(unwrap(model), layers, dataloader, step=step)
+
+
+def _warn_no_new_direction(
+    layers: Mapping[str, OrthoLoraLayer],
+    adapter_name: str,
+    covs: Mapping[str, torch.Tensor],
+    bases: Mapping[str, torch.Tensor],
+    energy: float,
+) -> None:
+    """Warn for every layer whose input basis ``M`` gains no direction at ``end_task``."""
+    for lname, layer in layers.items():
+        old = layer.basis(adapter_name)
+        k, n = (0 if old is None else old.shape[1]), layer.in_features
+        if bases[lname].shape[1] > k:
+            continue
+        if k == n:
+            why = f"the basis already spans all {n} input dimensions"
+        elif not bool(torch.trace(covs[lname]) > 0):
+            why = "the task's inputs to this layer are all zero (or the data never reached the layer)"
+        else:
+            why = f"the task's inputs already lie in the earlier tasks' basis up to energy={energy:g}"
+        warnings.warn(
+            f"continual.end_task: the input basis of layer '{lname}' gained no direction (k stays {k} of "
+            f"{n}): {why}, so this task adds nothing to the protected subspace of that layer",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _is_trainable(model: nn.Module, adapter_name: str, config: OrthoLoraConfig) -> bool:
     active = getattr(unwrap(model), "active_adapters", [adapter_name])
     return adapter_name in active and not config.inference_mode
@@ -81,6 +123,8 @@ def start_task(
         TaskLifecycleError: the previous task has not been closed by :func:`end_task`.
         ValueError: a bad or duplicate name, a first task that was already trained while data is passed, or a
             complement smaller than ``r`` (the error names the layer).
+        NonFiniteError: (a ``ValueError``) a NaN / Inf in the data's input covariance of a layer or in a
+            layer's base weight (subspace mode with data; the error names the layer). Nothing is changed.
     """
     adapter_name, config, layers = resolve(model, adapter_name)
     if not isinstance(name, str) or not name:
@@ -103,7 +147,7 @@ def start_task(
                 "start_task before training, or call start_task without data"
             )
     covs = (
-        collect_covariances(unwrap(model), layers, dataloader)
+        _task_covariances(model, layers, dataloader, "continual.start_task")
         if subspace and dataloader is not None
         else None
     )
@@ -145,6 +189,12 @@ def end_task(
     Raises:
         TaskLifecycleError: no task is open (``start_task`` was not called, or the task was already ended).
         ValueError: subspace mode without a dataloader, or a dataloader without batches.
+        NonFiniteError: (a ``ValueError``) a NaN / Inf in a layer's input covariance or base weight; the task
+            stays open and nothing is changed.
+
+    Warns:
+        UserWarning: for each layer whose basis gains no direction (all-zero inputs, inputs already inside the
+            basis, or a basis that spans every input dimension).
     """
     adapter_name, config, layers = resolve(model, adapter_name)
     if config.tasks_ended >= len(config.task_names):
@@ -155,10 +205,11 @@ def end_task(
     if config.mode == "subspace":
         if dataloader is None:
             raise ValueError("end_task in subspace mode needs the finished task's dataloader")
-        covs = collect_covariances(unwrap(model), layers, dataloader)
+        covs = _task_covariances(model, layers, dataloader, "continual.end_task")
         energy = config.energy_for_task(config.tasks_ended)
         for lname, layer in layers.items():
             bases[lname] = extend_basis(layer.basis(adapter_name), covs[lname], energy)
+        _warn_no_new_direction(layers, adapter_name, covs, bases, energy)
     # commit
     for lname, layer in layers.items():
         if lname in bases:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..core.batches import call_model, to_device
 from ..core.distributed import all_reduce_sums
+from ..core.finite import check_finite
 from ..core.orthonormal import random_orthonormal_rows
 
 
@@ -41,13 +42,17 @@ _REL_TOL = 1e-10  # eigenvalues below this share of the largest count as zero
 
 
 def collect_covariances(
-    model: nn.Module, layers: Mapping[str, nn.Module], dataloader: Iterable
+    model: nn.Module, layers: Mapping[str, nn.Module], dataloader: Iterable, step: str = "collect_covariances"
 ) -> dict[str, torch.Tensor]:
     """``{name: sum x^T x}`` (n x n; fp32 per batch, summed in fp64) of each layer's input in ``dataloader``.
 
     The model runs in eval mode under ``no_grad``. When a dict batch has an ``attention_mask`` whose shape
     matches the input's leading dims, padded tokens are left out. Under ``torch.distributed`` the sums are
     all-reduced, so every rank returns the same matrices.
+
+    Raises:
+        NonFiniteError: a NaN / Inf in a layer's summed covariance (a bad value in some batch's inputs to
+            that layer); the message names ``step`` and the layer. Every rank raises (the sums are reduced).
     """
     sums: dict[str, torch.Tensor] = {}
     current: dict[str, Optional[torch.Tensor]] = {"mask": None}
@@ -85,6 +90,15 @@ def collect_covariances(
     sums = all_reduce_sums(sums)
     if float(sums.pop(_COUNT)) == 0:
         raise ValueError("the dataloader yielded no batches: cannot compute the task's input statistics")
+    for name in layers:
+        check_finite(
+            sums[name],
+            step=step,
+            statistic="input covariance sum x^T x",
+            layer=name,
+            hint="a batch holds a NaN / Inf input (or the model produces one upstream of this layer); "
+            "nothing was changed",
+        )
     return sums
 
 

@@ -3,6 +3,7 @@
 from .autograd import FrozenFactorProduct, frozen_factor_product
 from .base_weight import read_weight, write_weight
 from .config import OrthoAdapterConfig
+from .finite import NonFiniteError, all_finite, check_base_weight, check_finite
 from .layer import COMMON_NAMES, OrthoLayer, is_supported_base
 from .leaf import DiagonalScale, FrozenFactorLeaf, MixingMatrix
 from .model import OrthoTuner
@@ -14,9 +15,13 @@ __all__ = [
     "FrozenFactorProduct",
     "FrozenFactorLeaf",
     "MixingMatrix",
+    "NonFiniteError",
     "OrthoAdapterConfig",
     "OrthoLayer",
     "OrthoTuner",
+    "all_finite",
+    "check_base_weight",
+    "check_finite",
     "frozen_factor_product",
     "is_supported_base",
     "read_weight",

@@ -109,6 +109,16 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
                 f"{cls.__name__} allows r <= {limit}"
             )
 
+    @classmethod
+    def base_weight_step(cls, config: OrthoAdapterConfig) -> Optional[str]:
+        """The name of the init step that reads the base weight under ``config`` (an SVD, an LU), or ``None``.
+
+        When set, every target's base weight is checked for NaN / Inf before any module is replaced
+        (:meth:`~ortho_adapters.core.model.OrthoTuner.inject_adapter`), so a bad base leaves the model as it
+        was.
+        """
+        return None
+
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's additive contribution for ``x`` (adapter's dtype; any dtype under autocast)."""
         raise NotImplementedError

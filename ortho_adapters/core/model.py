@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import copy
+from collections.abc import Iterator
+from typing import Any, ClassVar, Optional
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _get_in_out_features,
+    _maybe_include_all_linear_layers,
+)
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .config import OrthoAdapterConfig
+from .finite import check_base_weight
 from .layer import OrthoLayer, is_supported_base
 
 
@@ -17,6 +26,61 @@ class OrthoTuner(BaseTuner):
 
     layer_cls: ClassVar[type[OrthoLayer]]
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _targets(
+        self,
+        model: nn.Module,
+        config: OrthoAdapterConfig,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> Iterator[tuple[str, nn.Module]]:
+        """``(name, module)`` of every module ``inject_adapter`` will adapt, found as PEFT finds them.
+
+        Works on a copy of ``config`` (``all-linear`` expanded); modules inside existing tuner layers are
+        skipped, and with ``state_dict`` the targets are the modules its keys name.
+        """
+        config = self._prepare_adapter_config(copy.copy(config), self.get_model_config(model))
+        config = _maybe_include_all_linear_layers(config, model)
+        named = [(name, module) for name, module in model.named_modules() if name]
+        inside = tuple(name + "." for name, module in named if isinstance(module, BaseTunerLayer))
+        from_state = None
+        if state_dict is not None:
+            from_state = {k.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for k in state_dict}
+        for name, module in named:
+            if name.startswith(inside):
+                continue
+            if from_state is not None:
+                if name.removeprefix("_orig_mod.") in from_state:
+                    yield name, module
+            elif self._check_target_module_exists(config, name):
+                yield name, module
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        **kwargs: Any,
+    ) -> None:
+        """PEFT's ``inject_adapter``, after checking the base weight of every target for NaN / Inf when the
+        method's init reads it (:meth:`OrthoLayer.base_weight_step`): a non-finite base weight raises
+        :class:`~ortho_adapters.core.finite.NonFiniteError` before any module is replaced."""
+        step = self.layer_cls.base_weight_step(self.peft_config[adapter_name])
+        if step is not None:
+            for name, module in self._targets(model, self.peft_config[adapter_name], state_dict):
+                if is_supported_base(
+                    module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+                ):
+                    check_base_weight(module, step=step, layer=name)
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+            **kwargs,
+        )
 
     def _pre_injection_hook(self, model: nn.Module, config: OrthoAdapterConfig, adapter_name: str) -> None:
         """Validate every target before any module is replaced, so a bad config leaves the model untouched."""

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from ..core.finite import check_finite
+
 A_SUFFIX = "fedsvd_A"
 B_SUFFIX = "fedsvd_B.weight"
 
@@ -47,8 +49,9 @@ def validate_updates(
 ) -> None:
     """Raise ``ValueError`` naming the client and the tensor for the first bad update.
 
-    A good update has exactly the global state's keys, shapes and dtypes, only finite values, a positive
-    integer example count, and leaves every key in ``frozen_keys`` bit-identical to the global state.
+    A good update has exactly the global state's keys, shapes and dtypes, only finite values (checked by the
+    shared :func:`~ortho_adapters.core.finite.check_finite`: a :class:`NonFiniteError` saying NaN or Inf), a
+    positive integer example count, and leaves every key in ``frozen_keys`` bit-identical to the global state.
     """
     if len(client_states) != len(num_examples):
         raise ValueError(f"{len(client_states)} client states but {len(num_examples)} example counts")
@@ -77,8 +80,12 @@ def validate_updates(
                 )
             if tensor.dtype != ref.dtype:
                 raise ValueError(f"{name}: tensor {key!r} has dtype {tensor.dtype}, expected {ref.dtype}")
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise ValueError(f"{name}: tensor {key!r} has NaN or Inf values")
+            check_finite(
+                tensor,
+                step="validate_updates",
+                statistic=f"{name}: tensor {key!r}",
+                hint="the update was rejected; nothing was aggregated",
+            )
             if key in frozen and not torch.equal(tensor.cpu(), ref.cpu()):
                 raise ValueError(f"{name}: tensor {key!r} is frozen but differs from the global state")
 

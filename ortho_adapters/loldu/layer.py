@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ..core.base_weight import read_weight
 from ..core.buffers import FactorDict
+from ..core.finite import check_finite
 from ..core.layer import COMMON_NAMES, OrthoLayer
 from ..core.leaf import DiagonalScale
 from .config import BASE_START_INITS, LoLDUConfig
@@ -57,11 +60,20 @@ class LoLDULayer(OrthoLayer):
         self.loldu_z0 = BufferDict(persistent=True)
         self.loldu_fingerprint = BufferDict(persistent=True)
 
+    @classmethod
+    def base_weight_step(cls, config: LoLDUConfig) -> str:
+        """LoLDU always reads the base weight (its LU factorization gives the frozen factors)."""
+        return "LoLDU LU init"
+
     def create_adapter(self, adapter_name: str, config: LoLDUConfig) -> None:
         r = self.r[adapter_name]
         self.scaling[adapter_name] = config.alpha / r
         weight = read_weight(self)
+        check_finite(
+            weight, step=self.base_weight_step(config), statistic="base weight", layer=self.module_name
+        )
         factors = ldu_factors(weight, r)
+        self._warn_frozen_entries(factors.u_r, weight)
         z = initial_z(factors.d_r, config.init)
         z0 = z if config.init in BASE_START_INITS else factors.d_r
         if not config.init_weights:  # PEFT's convention: a random, non-identity start
@@ -73,6 +85,22 @@ class LoLDULayer(OrthoLayer):
         self.loldu_U.put(adapter_name, factors.u_r, persistent=config.store_factors)
         self.loldu_z0[adapter_name] = z0.clone()
         self.loldu_fingerprint[adapter_name] = fingerprint(weight, factors.pivots)
+
+    def _warn_frozen_entries(self, u_r: torch.Tensor, weight: torch.Tensor) -> None:
+        """Warn when entries of ``z`` cannot train: a zero row of ``U_r`` gives them exactly zero gradient."""
+        stuck = int((u_r == 0).all(dim=1).sum())
+        if not stuck:
+            return
+        if not weight.any():
+            detail = "the base weight is all zero, so the layer cannot train; leave it out of target_modules"
+        else:
+            detail = "the base weight is rank-deficient (zero pivots with nothing left to eliminate); lower r"
+        warnings.warn(
+            f"LoLDU layer '{self.module_name}': {stuck} of {u_r.shape[0]} entries of z cannot move (their "
+            f"rows of U_r are zero, so they get exactly zero gradient): {detail}",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors

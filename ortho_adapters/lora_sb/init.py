@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..core.batches import call_model, to_device
 from ..core.distributed import all_reduce_sums
+from ..core.finite import NonFiniteError, check_finite
 from ..core.layer import is_supported_base
 from ..core.svd import truncated_svd
 from .config import LoraSBConfig
@@ -325,13 +326,17 @@ def _replayed_rng(state: dict[str, Any]) -> Iterator[None]:
 
 
 class _Pass:
-    """What the gradient pass saw: samples, the sample-weighted mean loss, the batches and the RNG state."""
+    """What the gradient pass saw: samples, the sample-weighted mean loss, the batches and the RNG state.
+
+    ``bad_loss``: ``(batch index, loss)`` of the first batch whose loss was NaN / Inf (the pass stops there).
+    """
 
     def __init__(self) -> None:
         self.samples = 0
         self.loss_sum = 0.0
         self.batches: list[Any] = []
         self.rng: Optional[dict[str, Any]] = None
+        self.bad_loss: Optional[tuple[int, torch.Tensor]] = None
 
     @property
     def mean_loss(self) -> float:
@@ -344,7 +349,7 @@ def _gradient_pass(
     device = next(model.parameters()).device
     seen = _Pass()
     with tqdm(total=num_samples, desc="LoRA-SB gradient init", unit="sample", disable=not progress) as bar:
-        for batch in dataloader:
+        for index, batch in enumerate(dataloader):
             if seen.rng is None:
                 seen.rng = _rng_state(device)
             loss = _batch_loss(model, batch, device)
@@ -354,18 +359,60 @@ def _gradient_pass(
                     "targets used in the forward pass, and is autograd enabled?"
                 )
             loss.backward()
+            value = float(loss.detach().float())
+            if not math.isfinite(value):  # its gradient is in G: the checks after the pass name the layers
+                seen.bad_loss = (index, loss.detach())
+                break
             n = _batch_size(batch)
             seen.samples += n
-            seen.loss_sum += float(loss.detach().float()) * n
+            seen.loss_sum += value * n
             if keep:
                 seen.batches.append(batch)
             del loss
             bar.update(n)
             if num_samples is not None and seen.samples >= num_samples:
                 break
-    if seen.samples == 0:
+    if seen.samples == 0 and seen.bad_loss is None:
         raise ValueError("initialize_lora_sb got an empty dataloader")
     return seen
+
+
+_STEP = "initialize_lora_sb"
+_BAD_LOSS = "\0non-finite loss"  # all-reduced with the sums: every process learns that one saw a bad loss
+_DATA_HINT = (
+    "check the init batches (a NaN / Inf in the inputs, or a batch whose labels are all -100 gives a NaN "
+    "loss); no factor was installed and the model was left unchanged"
+)
+
+
+def _check_pass(
+    sums: dict[str, torch.Tensor], names: Iterable[str], bad_loss: Optional[tuple[int, Any]]
+) -> None:
+    """Raise :class:`NonFiniteError` for a non-finite gradient sum (naming the layer) or init loss.
+
+    Every process calls it with the all-reduced ``sums`` (including the ``_BAD_LOSS`` flag), so all raise.
+    """
+    flags = sums.pop(_BAD_LOSS)
+    hint = _DATA_HINT
+    if bad_loss is not None:
+        hint = f"the loss of init batch {bad_loss[0]} was {float(bad_loss[1]):g}; {_DATA_HINT}"
+    for name in names:
+        check_finite(sums[name], step=_STEP, statistic="gradient sum G = sum dy^T x", layer=name, hint=hint)
+    if bad_loss is not None:
+        check_finite(bad_loss[1], step=_STEP, statistic=f"loss of init batch {bad_loss[0]}", hint=_DATA_HINT)
+    if bool(flags.any()):  # another process saw it
+        nan, inf = int(flags[0]), int(flags[1])
+        raise NonFiniteError(
+            _STEP, "loss of an init batch on another process", None, nan, inf, nan + inf, _DATA_HINT
+        )
+
+
+def _loss_flags(bad_loss: Optional[tuple[int, Any]], device: torch.device) -> torch.Tensor:
+    """``[is NaN, is Inf]`` of the bad loss (zeros without one), to be all-reduced with the gradient sums."""
+    if bad_loss is None:
+        return torch.zeros(2, device=device)
+    value = float(bad_loss[1])
+    return torch.tensor([float(math.isnan(value)), float(math.isinf(value))], device=device)
 
 
 def _loss_with_factors(
@@ -474,6 +521,12 @@ def initialize_lora_sb(
     Raises:
         ValueError: no / several sources for ``eta``, bad data or targets. ``TypeError`` for ``lr=`` (removed:
         it read like the training learning rate) and for unknown keywords.
+        NonFiniteError: (a ``ValueError``) a NaN / Inf in a target's gradient sum ``G`` (the message names
+        the layer and the batch whose loss was non-finite) or in an init batch's loss (e.g. a batch whose
+        labels are all -100). Raised before any SVD: no factor is installed, the model is unchanged.
+
+    Warns:
+        UserWarning: targets whose ``G`` is exactly zero (their ``B``, ``A`` are then arbitrary).
     """
     if "lr" in removed:
         raise TypeError(
@@ -508,25 +561,47 @@ def initialize_lora_sb(
             accumulator = _GradientAccumulator(bases).attach(stack)
             if dataloader is not None:
                 seen = _gradient_pass(model, dataloader, num_samples, loss_check, progress)
-                result.samples, result.loss_before = seen.samples, seen.mean_loss
+                if seen.bad_loss is None:  # else _check_pass raises below
+                    result.samples, result.loss_before = seen.samples, seen.mean_loss
             else:
                 returned = train_step()
                 if isinstance(returned, torch.Tensor) and returned.numel() == 1:
                     result.loss_before = float(returned.detach().float())
                 elif isinstance(returned, numbers.Real):
                     result.loss_before = float(returned)
+        bad_loss = seen.bad_loss if seen is not None else None
+        if seen is None and result.loss_before is not None and not math.isfinite(result.loss_before):
+            bad_loss = (0, torch.tensor(result.loss_before))
 
         missing = sorted(set(bases) - set(accumulator.sums))
         if missing:
             raise ValueError(f"No gradient reached target modules {missing[:5]}: are they used by the loss?")
         # every process's G added up (DDP, FSDP, DeepSpeed): each process then installs the factors of one
         # process that saw all the init batches; every process must call initialize_lora_sb
-        all_reduce_sums(accumulator.sums)
+        sums = accumulator.sums
+        sums[_BAD_LOSS] = _loss_flags(bad_loss, next(iter(sums.values())).device)
+        all_reduce_sums(sums)
+        _check_pass(sums, bases, bad_loss)  # before any SVD: nothing is computed from a bad G
 
+        zero = []
         for name, (_, layer) in tqdm(targets.items(), desc="LoRA-SB SVD", disable=not progress):
             r = layer.r[adapter_name] if layer is not None else config.r
-            u, s, vh = truncated_svd(estimate_update(accumulator.sums.pop(name), eta, update), r)
+            update_estimate = estimate_update(sums.pop(name), eta, update)
+            u, s, vh = truncated_svd(
+                update_estimate, r, step=_STEP, statistic="update estimate dW", layer=name
+            )
+            if not bool(s[0] > 0):
+                zero.append(name)
             result[name] = (u, torch.diag(s), vh)
+        if zero:
+            warnings.warn(
+                f"initialize_lora_sb: the gradient sum G of {len(zero)} layer(s) is exactly zero (e.g. "
+                f"'{zero[0]}'): no gradient reached them through the init batches, so their update estimate "
+                "is 0, B and A are arbitrary orthonormal factors and R starts at 0. Use more or other init "
+                "batches.",
+                UserWarning,
+                stacklevel=2,
+            )
 
         subtract = bool(getattr(config, "subtract_init", False))
         starts_at_base = all(

@@ -34,12 +34,20 @@ class LoraSBLayer(OrthoLayer):
         self.lora_sb_B = BufferDict(persistent=True)
         self.lora_sb_R0 = BufferDict(persistent=True)
 
+    @classmethod
+    def base_weight_step(cls, config: LoraSBConfig) -> Optional[str]:
+        """``init="svd"`` reads the base weight (its truncated SVD gives ``B`` and ``A``)."""
+        return "LoRA-SB init='svd'" if config.init == "svd" else None
+
     def create_adapter(self, adapter_name: str, config: LoraSBConfig) -> None:
         r = self.r[adapter_name]
         self.scaling[adapter_name] = config.alpha / r
         pending = self.get_base_layer().__dict__.pop(PENDING_FACTORS_ATTR, None)
         if config.init == "svd":
-            u, s, vh = truncated_svd(read_weight(self), r)
+            step = self.base_weight_step(config)
+            u, s, vh = truncated_svd(
+                read_weight(self), r, step=step, statistic="base weight", layer=self.module_name
+            )
             b, rmat, a = u * s, torch.zeros(r, r), vh
         elif pending is not None:
             b, rmat, a = self._checked(adapter_name, *pending)

@@ -21,6 +21,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from ..core.finite import check_finite
+
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -72,6 +74,19 @@ class Detector:
         else:
             self.model.add_adapter(name, config)
         self.model.eval()
+
+    def remove_request(self, name: str) -> None:
+        """Undo :meth:`add_request` (no-op for an unknown name); removing the last LoRA restores the
+        encoder's own modules."""
+        if self.model is None or name not in self.model.peft_config:
+            return
+        if len(self.model.peft_config) == 1:
+            self.model.unload()
+            self.model = None
+            self.encoder.eval()
+        else:
+            self.model.delete_adapter(name)
+            self.model.eval()
 
     def to(self, device: torch.device) -> Detector:
         (self.model or self.encoder).to(device)
@@ -133,13 +148,25 @@ class Detector:
         batch_size: int = 16,
         tau: float = 0.1,
         seed: int = 0,
+        step: str = "Detector.train_request",
     ) -> list[float]:
-        """Add LoRA ``name`` and train it with MLM + contrastive entropy on ``texts``; returns the losses."""
+        """Add LoRA ``name`` and train it with MLM + contrastive entropy on ``texts``; returns the losses.
+
+        A NaN / Inf loss raises :class:`~ortho_adapters.core.finite.NonFiniteError` (naming ``step``) before
+        its backward; on any error the new LoRA is removed again, so the detector is left as it was.
+        """
         if len(texts) < 2:
             raise ValueError("the O3 detector needs at least 2 training texts")
         if name in self.requests:
             raise ValueError(f"the O3 detector already has a request {name!r}")
         self.add_request(name)
+        try:
+            return self._train(name, texts, epochs, lr, batch_size, tau, seed, step)
+        except BaseException:
+            self.remove_request(name)
+            raise
+
+    def _train(self, name, texts, epochs, lr, batch_size, tau, seed, step) -> list[float]:
         self.model.set_adapter(name)
         params = [p for n, p in self.model.named_parameters() if f".{name}." in n and "lora_" in n]
         for p in params:
@@ -148,7 +175,7 @@ class Detector:
         g = torch.Generator().manual_seed(seed)
         losses: list[float] = []
         self.model.train()
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.randperm(len(texts), generator=g).tolist()
             for start in range(0, len(order), batch_size):
                 chunk = [texts[i] for i in order[start : start + batch_size]]
@@ -160,6 +187,12 @@ class Detector:
                 with torch.no_grad(), self.model.disable_adapter():
                     ref = self._layer_feats(self._hidden(batch), batch["attention_mask"])
                 loss = mlm + contrastive_entropy(feats, ref, tau)
+                check_finite(
+                    loss.detach(),
+                    step=step,
+                    statistic=f"detector training loss (MLM + contrastive) of request {name!r}, epoch "
+                    f"{epoch}, batch {start // batch_size}",
+                )
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

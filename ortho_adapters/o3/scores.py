@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.finite import check_finite
+
 
 def ledoit_wolf_covariance(x: torch.Tensor) -> torch.Tensor:
     """Ledoit-Wolf shrunk covariance of the rows of ``x`` (N x d), in float64 (Ledoit & Wolf, 2004).
@@ -114,17 +116,38 @@ def ramp(center: torch.Tensor, full_z: float, zero_z: float) -> torch.Tensor:
     return torch.stack([mu - zero_z * sd, mu - full_z * sd]).float()
 
 
-def fit_stats(fit: torch.Tensor, held_out: torch.Tensor, full_z: float, zero_z: float) -> RequestStats:
-    """Fit the per-layer statistics on ``fit`` (L x N x d) and calibrate on ``held_out`` (L x M x d)."""
+def fit_stats(
+    fit: torch.Tensor, held_out: torch.Tensor, full_z: float, zero_z: float, step: str = "fit_stats"
+) -> RequestStats:
+    """Fit the per-layer statistics on ``fit`` (L x N x d) and calibrate on ``held_out`` (L x M x d).
+
+    Raises:
+        NonFiniteError: a NaN / Inf in the features of a detector layer, or in a statistic fitted from them
+            (precision, calibration); the message names ``step`` and the detector layer.
+    """
     if fit.shape[1] < 2 or held_out.shape[1] < 1:
         raise ValueError(
             f"the O3 gate needs >= 2 fit and >= 1 held-out samples, got {fit.shape[1]}, {held_out.shape[1]}"
         )
+    for features, which in ((fit, "fit"), (held_out, "held-out")):
+        for layer in range(features.shape[0]):
+            check_finite(
+                features[layer],
+                step=step,
+                statistic=f"detector features (mean-pooled hidden states) of the {which} texts",
+                layer=f"detector layer {layer}",
+            )
     fit = fit.float()
     means, precisions = [], []
     for layer in range(fit.shape[0]):
         means.append(fit[layer].mean(0))
         precisions.append(torch.linalg.inv(ledoit_wolf_covariance(fit[layer])))
+        check_finite(
+            precisions[-1],
+            step=step,
+            statistic="precision (inverse Ledoit-Wolf covariance)",
+            layer=f"detector layer {layer}",
+        )
     stats = RequestStats(
         mean=torch.stack(means),
         precision=torch.stack(precisions),
@@ -143,4 +166,6 @@ def fit_stats(fit: torch.Tensor, held_out: torch.Tensor, full_z: float, zero_z: 
     mu, spread = s.mean(), (s.std(unbiased=False) if s.numel() > 1 else torch.tensor(1.0))
     stats.center = torch.stack([mu, spread.clamp(min=1e-6)]).float()
     stats.ramp = ramp(stats.center, full_z, zero_z)
+    for name in ("score_mu", "score_sd", "center", "ramp"):
+        check_finite(getattr(stats, name), step=step, statistic=f"gate calibration statistic {name}")
     return stats
