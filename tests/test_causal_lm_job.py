@@ -261,3 +261,18 @@ def test_train_arm_runs_trainer_with_checkpointing(tokenizer, examples, method, 
     assert info["steps"] == 2 and np.isfinite(info["train_loss"])
     assert hasattr(model.base_model.model.model.layers[0].self_attn.q_proj, "base_layer")  # adapted
     assert 0.0 <= evaluate(model, tokenizer, "social_iqa", examples, args) <= 1.0
+
+
+def test_items_whose_options_do_not_fit_are_dropped_with_a_warning():
+    from ortho_adapters import data
+    from ortho_adapters.jobs.lm_tasks import FrameTooLongError, _format_all, get_task
+
+    tokenizer = data.load_smollm2_tokenizer()
+    task = get_task("social_iqa")
+    short = {"input": "Sam cooked. Why?", "choices": ["hungry", "bored", "to eat"], "answer": 0}
+    huge = {"input": "Why?", "choices": ["word " * 120, "b", "c"], "answer": 1}
+    with pytest.warns(UserWarning, match="dropped 1 of 2 items"):
+        kept = _format_all(tokenizer, task, [short, huge], max_length=96)
+    assert [e.choices for e in kept] == [("hungry", "bored", "to eat")]
+    with pytest.raises(FrameTooLongError, match="max_length=96 is too short for social_iqa"):
+        _format_all(tokenizer, task, [huge], max_length=96)

@@ -15,6 +15,7 @@ the end of a ``logiqa`` passage survives), so the question, the options and the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,10 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import data
 from ..tasks import check_task_name, load_task
+
+
+class FrameTooLongError(ValueError):
+    """The instruction, options and answer of an item alone exceed ``max_length``."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ def format_example(tokenizer: PreTrainedTokenizerBase, task: LMTask, row: dict, 
     )  # + end of turn
     budget = max_length - frame - answer
     if budget < 8:
-        raise ValueError(
+        raise FrameTooLongError(
             f"max_length={max_length} is too short for {task.name} ({frame + answer} tokens of frame)"
         )
     while True:  # re-tokenizing the cut text can merge differently: shrink until it fits
@@ -164,7 +169,24 @@ def load_examples(
     """Formatted ``(train, test)`` examples of task ``name`` (the same test examples for every arm)."""
     task = get_task(name)
     train, test = load_rows(name, n_train, n_eval, seed)
-    return (
-        [format_example(tokenizer, task, r, max_length) for r in train],
-        [format_example(tokenizer, task, r, max_length) for r in test],
-    )
+    return _format_all(tokenizer, task, train, max_length), _format_all(tokenizer, task, test, max_length)
+
+
+def _format_all(tokenizer: PreTrainedTokenizerBase, task: LMTask, rows: list[dict], max_length: int) -> list:
+    """Each row formatted; a row whose options alone do not fit ``max_length`` is dropped with a warning
+    (e.g. one Social IQa item whose three options are whole paragraphs), unless every row is."""
+    examples, dropped = [], []
+    for row in rows:
+        try:
+            examples.append(format_example(tokenizer, task, row, max_length))
+        except FrameTooLongError as err:
+            dropped.append(err)
+    if dropped and not examples:
+        raise dropped[0]
+    if dropped:
+        warnings.warn(
+            f"{task.name}: dropped {len(dropped)} of {len(rows)} items whose prompt frame and options do not "
+            f"fit max_length={max_length} (first: {dropped[0]})",
+            stacklevel=3,
+        )
+    return examples
