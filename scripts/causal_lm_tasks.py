@@ -42,15 +42,16 @@ def run_task(task: str, out: Path, n_eval: int, extra: list[str]) -> float:
 
 
 def reference_rates(task: str, n_eval: int) -> tuple[float, float]:
-    """``(chance, majority)``: 1 / choices (mean over items), and the most common answer's share of the
-    held-out items (for ``arithmetic``, scored by generation, chance is 0)."""
+    """``(chance, majority)``: 1 / choices (mean over items), and the most common answer index's share of
+    the held-out items (the majority label, or the most common answer position for multiple choice); both 0
+    for ``arithmetic``, which is scored by generation."""
     from ortho_adapters.jobs.lm_tasks import get_task, load_rows
 
     _, test = load_rows(task, 0, n_eval, seed=0)
     if get_task(task).generative:
         return 0.0, 0.0
     chance = sum(1 / len(r["choices"]) for r in test) / len(test)
-    majority = Counter(r["choices"][r["answer"]] for r in test).most_common(1)[0][1] / len(test)
+    majority = Counter(r["answer"] for r in test).most_common(1)[0][1] / len(test)  # label or position
     return chance, majority
 
 
