@@ -11,16 +11,26 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import resolve_quantization_backend
 from peft.utils.integrations import gather_params_ctx
+from torch import nn
 
 from .cpu_4bit import restore_4bit_layout
 
 
+def base_weight_of(base: nn.Module) -> torch.Tensor:
+    """The weight of a plain or quantized base layer as stored (dequantized; a CPU-packed 4-bit weight is
+    restored first, since it dequantizes to garbage). Under ZeRO-3 call it inside ``gather_params_ctx``."""
+    restore_4bit_layout(base)
+    backend = resolve_quantization_backend(base)
+    return backend.get_base_weight(base) if backend is not None else base.weight.data
+
+
 def read_weight(layer: BaseTunerLayer) -> torch.Tensor:
     """Return a fresh fp32 ``(out_features, in_features)`` copy of the (dequantized) base weight."""
-    restore_4bit_layout(layer.get_base_layer())  # a CPU-packed 4-bit weight dequantizes to garbage
-    with gather_params_ctx(layer.get_base_layer().weight, modifier_rank=None):  # no-op without ZeRO-3
-        weight = layer.get_base_weight()
+    base = layer.get_base_layer()
+    with gather_params_ctx(base.weight, modifier_rank=None):  # no-op without ZeRO-3
+        weight = base_weight_of(base)
         if layer.fan_in_fan_out:
             weight = weight.t()
         return weight.detach().to(torch.float32, copy=True)

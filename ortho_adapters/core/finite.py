@@ -18,11 +18,10 @@ from typing import Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import resolve_quantization_backend
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
-from .cpu_4bit import restore_4bit_layout
+from .base_weight import base_weight_of
 
 
 class NonFiniteError(ValueError):
@@ -107,12 +106,9 @@ def check_base_weight(module: nn.Module, *, step: str, layer: str, hint: Optiona
     weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
         return
-    restore_4bit_layout(base)  # a CPU-packed 4-bit weight dequantizes to garbage
     with gather_params_ctx(base.weight, modifier_rank=None):  # no-op without ZeRO-3
-        backend = resolve_quantization_backend(base)
-        values = backend.get_base_weight(base) if backend is not None else base.weight
         check_finite(
-            values.detach(),
+            base_weight_of(base).detach(),
             step=step,
             statistic="base weight",
             layer=layer,

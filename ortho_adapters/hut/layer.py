@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.base_weight import read_weight
-from ..core.cpu_4bit import restore_4bit_layout
+from ..core.base_weight import base_weight_of, read_weight
 from ..core.layer import COMMON_NAMES, OrthoLayer
 from ..core.precision import compute_dtype
 from .config import HUTConfig
@@ -92,8 +91,7 @@ class HUTLayer(OrthoLayer):
         base = self.get_base_layer()
         bias = getattr(base, "bias", None)
         if self.quantization_backend is not None:
-            restore_4bit_layout(base)  # the CPU inference layout does not dequantize to W
-            weight = self.get_base_weight()
+            weight = base_weight_of(base)  # restores a CPU-packed 4-bit layout first
             return weight, bias, compute_dtype(x, torch.float32)
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
         return weight, bias, compute_dtype(x, weight.dtype)
