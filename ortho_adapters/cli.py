@@ -63,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or 'none' (per model: baseline,lora / zeroshot,lora)",
     )
     ft.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    ft.add_argument("--init-samples", type=int, default=None, help="LoRA-SB gradient-init samples (256 / 64)")
+    ft.add_argument("--init-samples", type=int, default=None, help="LoRA-SB gradient-init samples (256 / 16)")
+    ft.add_argument(
+        "--init-svd",
+        choices=["auto", "full", "randomized"],
+        default=d.init_svd,
+        help="LoRA-SB gradient init's truncated SVD: randomized where the sketch is small (auto), or full",
+    )
     ft.add_argument("--quantize", choices=["none", "4bit"], default=None, help="smollm2: nf4 4-bit base")
     ft.add_argument(
         "--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing"

@@ -156,13 +156,15 @@ def convert_smollm2(force: bool = False) -> Path:
     def build(out: Path) -> None:
         from transformers import AutoModelForCausalLM
 
+        from .core.compat import dtype_kwarg
+
         gguf = smollm2_gguf()
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         # The loaded model is flagged as gguf-quantized and refuses save_pretrained: copy it into a plain one.
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(torch.float32))
         model.load_state_dict(loaded.state_dict())
         model.save_pretrained(out)
         _gguf_tokenizer().save_pretrained(out)
@@ -172,11 +174,13 @@ def convert_smollm2(force: bool = False) -> Path:
 
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(LlamaForCausalLM, tokenizer)`` for SmolLM2-135M-Instruct, converting the GGUF first if needed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from .core.compat import dtype_kwarg, load_tokenizer
 
     path = convert_smollm2()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(dtype), local_files_only=True)
+    return model, load_tokenizer(path)
 
 
 def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
@@ -185,12 +189,13 @@ def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
     Loads from the converted model if present, otherwise from a tokenizer-only cache, which is built
     from the GGUF on first use (4-15 s once; later loads take well under a second).
     """
-    from transformers import AutoTokenizer
+
+    from .core.compat import load_tokenizer
 
     path = smollm2_dir()
     if not path.exists():
         path = _build_atomically(_smollm2_tokenizer_dir(), lambda out: _gguf_tokenizer().save_pretrained(out))
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return load_tokenizer(path)
 
 
 # ------------------------------------------------------------------------------------------- Rotten Tomatoes

@@ -16,6 +16,7 @@ import ortho_adapters  # noqa: F401  (registers the PEFT types)
 
 
 def main(argv: list[str]) -> None:
+    torch.set_num_threads(1)  # the parent computes its reference logits with one thread too
     out_path, pairs = argv[0], argv[1:]
     results = {}
     for pair in pairs:

@@ -8,6 +8,7 @@ definition (``conformance_cases.METHOD_CASES``).
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from tiny_models import MODEL_CASES, logits, tiny_lm_trainer
 from torch import nn
 
 from ortho_adapters.core import OrthoLayer
+from ortho_adapters.core.compat import needs
 
 TESTS = Path(__file__).parent
 METHODS = sorted(METHOD_CASES)
@@ -98,14 +100,21 @@ def test_one_step_changes_adapter_only(method, model_name):
 def reloaded(request, tmp_path_factory):
     """Save one perturbed adapter per model case, reload all in one fresh interpreter."""
     method = request.param
+    if method == "o3" and needs("o3-save"):
+        pytest.skip(needs("o3-save"))  # test_o3_save_and_load_raise_without_peft_hooks covers it there
     tmp = tmp_path_factory.mktemp(method)
     expected, pairs = {}, []
     for name in MODELS:
         model, case = build(method, name)
         perturb(model)
         model.eval()
-        with torch.no_grad():
-            expected[name] = logits(model, case.inputs())
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the child: a thread count can change a GEMM's summation order
+        try:
+            with torch.no_grad():
+                expected[name] = logits(model, case.inputs())
+        finally:
+            torch.set_num_threads(threads)
         model.save_pretrained(tmp / name)
         pairs.append(f"{name}={tmp / name}")
     out = tmp / "reloaded.safetensors"
@@ -115,6 +124,7 @@ def reloaded(request, tmp_path_factory):
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return method, expected, load_file(out), tmp
@@ -126,6 +136,22 @@ def test_reload_in_fresh_process_is_identical(reloaded):
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
         assert (tmp / name / "adapter_model.safetensors").exists()
         assert not list((tmp / name).glob("*.bin")), "only safetensors may be written"
+
+
+@pytest.mark.skipif(needs("o3-save") is None, reason="this peft saves O3 (the reload test checks it)")
+def test_o3_save_and_load_raise_without_peft_hooks(tmp_path):
+    """Where PEFT does not call the tuner's state-dict hooks, O3 must refuse to save or load (it would
+    otherwise reload as the base model), and nothing is written."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    model, _ = build("o3", "llama")
+    with pytest.raises(RuntimeError, match="needs peft >= 0.21"):
+        model.save_pretrained(tmp_path / "o3")
+    assert not list((tmp_path / "o3").glob("*.safetensors"))
+    with pytest.raises(RuntimeError, match="needs peft >= 0.21"):
+        get_peft_model_state_dict(model)
+    with pytest.raises(RuntimeError, match="needs peft >= 0.21"):
+        set_peft_model_state_dict(model, {})
 
 
 @grid

@@ -13,6 +13,7 @@ from torch import nn
 
 import ortho_adapters
 from ortho_adapters.core import frozen_factor_product
+from ortho_adapters.core.compat import needs
 from ortho_adapters.lora_sb import LoraSBLayer
 
 
@@ -372,6 +373,7 @@ def test_step_size_from_learning_rate_and_warmup():
             torch.testing.assert_close(x, y, rtol=1e-6, atol=0)
 
 
+@pytest.mark.skipif(bool(needs("transformers-5")), reason=str(needs("transformers-5")))
 def test_step_size_from_training_arguments(tmp_path):
     from transformers import TrainingArguments
 
@@ -399,6 +401,21 @@ def test_step_size_from_training_arguments(tmp_path):
         learning_rate=1e-3, warmup_steps=4
     ))  # fmt: skip
     assert result.step_size == pytest.approx(2.5e-4)
+
+
+@pytest.mark.parametrize("warmup", [0, 7, 0.05, 0.5])
+def test_step_size_follows_the_trainers_own_warmup(tmp_path, warmup):
+    """eta = learning_rate / (the warm-up steps transformers' own scheduler uses), whichever way the installed
+    transformers spells a ratio (``warmup_steps`` < 1 from 5.0, ``warmup_ratio`` in 4.x)."""
+    from transformers import TrainingArguments
+
+    from ortho_adapters.core.compat import TRANSFORMERS_5
+
+    spelling = {"warmup_steps": warmup} if TRANSFORMERS_5 or warmup >= 1 else {"warmup_ratio": warmup}
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, learning_rate=1e-3, **spelling)
+    eta = ortho_adapters.lora_sb.init.resolve_step_size(training_args=args, num_training_steps=200)
+    assert eta == pytest.approx(1e-3 / max(args.get_warmup_steps(200), 1))
+    assert (eta < 1e-3) == (warmup > 0)
 
 
 def test_step_size_errors_are_clear():
@@ -526,3 +543,34 @@ def test_gradient_init_under_gradient_checkpointing_matches(reentrant):
             got[name][0] @ got[name][1] @ got[name][2], want[name][0] @ want[name][1] @ want[name][2]
         )
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "gpt2", "llama"])
+def test_randomized_svd_init_is_within_one_percent_of_the_exact_truncation(model_name):
+    """``svd="randomized"``: ``||dW - B R A||_F <= 1.01 ||dW - [dW]_r||_F`` against plain-autograd ``dW``."""
+    case = MODEL_CASES[model_name]
+    r, lr = 4, 1e-3
+    reference = _reference_update(case, lr, "sign")
+    config = ortho_adapters.LoraSBConfig(r=r, target_modules=list(case.targets), init="gradient")
+    result = ortho_adapters.initialize_lora_sb(
+        case.model(),
+        _dataloader(case),
+        config=config,
+        num_samples=None,
+        step_size=lr,
+        svd="randomized",
+        progress=False,
+    )
+    assert set(result) == set(reference)
+    for name, (b, rmat, a) in result.items():
+        torch.testing.assert_close(b.t() @ b, torch.eye(r), atol=1e-5, rtol=0)
+        torch.testing.assert_close(a @ a.t(), torch.eye(r), atol=1e-5, rtol=0)
+        delta = reference[name].double()
+        best = (delta - _best_rank_r(delta, r)).norm()
+        assert (delta - (b @ rmat @ a).double()).norm() <= 1.01 * best, name
+
+
+def test_svd_method_is_checked_before_the_pass():
+    case = MODEL_CASES["mlp"]
+    with pytest.raises(ValueError, match="svd must be one of"):
+        _init(case.model(), _dataloader(case), _config(case), svd="lowrank")

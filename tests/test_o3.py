@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import ortho_adapters
 from ortho_adapters import data
+from ortho_adapters.core.compat import needs
 from ortho_adapters.o3 import O3Trainer, orthogonality_penalty, unlearn
 from ortho_adapters.o3.layer import O3Layer
 from ortho_adapters.o3.scores import aggregate, soft_weight
@@ -137,6 +138,11 @@ save_file(res, out)
 """
 
 
+# O3 save / load needs peft >= 0.21 (with older PEFT it raises: test_conformance checks that)
+needs_o3_save = pytest.mark.skipif(bool(needs("o3-save")), reason=str(needs("o3-save")))
+
+
+@needs_o3_save
 def test_save_reload_in_process_is_exact(unlearned, tok):
     model, _, tmp = unlearned
     texts = [math_rows(40)[34]["prompt"], review_texts()[4]]
@@ -176,19 +182,20 @@ def test_set_gate_ramp_moves_every_request_and_is_saved(unlearned, tok):
         score = model.gate_scores(texts)["math"].double()
         expected = ((score - (mu - 2.0 * sd)) / (1.5 * sd)).clamp(0, 1).float()
         torch.testing.assert_close(model.gate_weights(texts), expected, rtol=1e-5, atol=1e-6)
-        model.save_pretrained(tmp / "adapter_ramp")
-        reloaded = PeftModel.from_pretrained(tiny_lm(len(tok)), tmp / "adapter_ramp").eval()
-        assert (reloaded.peft_config["default"].gate_full_z, reloaded.peft_config["default"].gate_zero_z) == (
-            0.5,
-            2.0,
-        )
-        torch.testing.assert_close(reloaded.gate_weights(texts), model.gate_weights(texts), rtol=0, atol=0)
+        if not needs("o3-save"):  # the saved ramp (O3 save / load needs peft >= 0.21)
+            model.save_pretrained(tmp / "adapter_ramp")
+            reloaded = PeftModel.from_pretrained(tiny_lm(len(tok)), tmp / "adapter_ramp").eval()
+            config = reloaded.peft_config["default"]
+            assert (config.gate_full_z, config.gate_zero_z) == (0.5, 2.0)
+            got, want = reloaded.gate_weights(texts), model.gate_weights(texts)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
     finally:
         model.set_gate_ramp(saved[0], saved[1])
     assert torch.equal(stats.ramp, saved[2])
 
 
 @pytest.mark.slow
+@needs_o3_save
 def test_save_reload_in_fresh_process_is_exact(unlearned, tok):
     model, _, tmp = unlearned
     texts = [math_rows(40)[32]["prompt"], review_texts()[2], math_rows(40)[36]["prompt"]]

@@ -13,15 +13,22 @@ from peft import get_peft_model
 from tiny_models import VOCAB, tiny_lm_trainer, tiny_nf4_llama
 from torch import nn
 
+from ortho_adapters.core.compat import needs
 from ortho_adapters.core.cpu_4bit import is_cpu_packed, remember_4bit_state, restore_4bit_layout
 from ortho_adapters.core.layer import OrthoLayer
+
+# transformers 4.51 refuses to load a bitsandbytes model on a CPU
+versions = pytest.mark.skipif(bool(needs("4bit-cpu")), reason=str(needs("4bit-cpu")))
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.functional import dequantize_4bit, has_avx512bf16  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not has_avx512bf16(), reason="bitsandbytes packs 4-bit weights only on CPUs with AVX512-BF16"
-)
+pytestmark = [
+    versions,
+    pytest.mark.skipif(
+        not has_avx512bf16(), reason="bitsandbytes packs 4-bit weights only on CPUs with AVX512-BF16"
+    ),
+]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

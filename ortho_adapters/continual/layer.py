@@ -116,7 +116,10 @@ class OrthoLoraLayer(OrthoLayer):
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``s ((x A_t^T) B_t^T + (x A_old^T) B_old^T)``; under autocast the matmuls run in its dtype."""
-        u = x @ self.current_a(adapter_name).t()
+        if adapter_name in self.ortho_lora_A_fixed:
+            u = x @ self.ortho_lora_A_fixed[adapter_name].t()
+        else:  # the trainable leaf is called, so that DeepSpeed ZeRO-3 gathers its weight for it
+            u = self.ortho_lora_A[adapter_name](x)
         y = self.ortho_lora_B[adapter_name](u)
         if adapter_name in self.ortho_lora_A_old:
             y = y + (x @ self.ortho_lora_A_old[adapter_name].t()) @ self.ortho_lora_B_old[adapter_name].t()

@@ -7,7 +7,7 @@ from .finite import NonFiniteError, all_finite, check_base_weight, check_finite
 from .layer import COMMON_NAMES, OrthoLayer, is_supported_base
 from .leaf import DiagonalScale, FrozenFactorLeaf, MixingMatrix
 from .model import OrthoTuner
-from .svd import truncated_svd
+from .svd import randomized_svd, truncated_svd, truncated_svds
 
 __all__ = [
     "COMMON_NAMES",
@@ -24,7 +24,9 @@ __all__ = [
     "check_finite",
     "frozen_factor_product",
     "is_supported_base",
+    "randomized_svd",
     "read_weight",
     "truncated_svd",
+    "truncated_svds",
     "write_weight",
 ]

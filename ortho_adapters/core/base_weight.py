@@ -11,25 +11,27 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import resolve_quantization_backend
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
+from .compat import quantization_backend, set_base_weight
 from .cpu_4bit import restore_4bit_layout
+from .zero3 import gathered
 
 
 def base_weight_of(base: nn.Module) -> torch.Tensor:
     """The weight of a plain or quantized base layer as stored (dequantized; a CPU-packed 4-bit weight is
     restored first, since it dequantizes to garbage). Under ZeRO-3 call it inside ``gather_params_ctx``."""
     restore_4bit_layout(base)
-    backend = resolve_quantization_backend(base)
+    backend = quantization_backend(base)
     return backend.get_base_weight(base) if backend is not None else base.weight.data
 
 
 def read_weight(layer: BaseTunerLayer) -> torch.Tensor:
     """Return a fresh fp32 ``(out_features, in_features)`` copy of the (dequantized) base weight."""
     base = layer.get_base_layer()
-    with gather_params_ctx(base.weight, modifier_rank=None):  # no-op without ZeRO-3
+    # no-ops without ZeRO-3; the second also gathers where transformers was not told (torchrun + deepspeed)
+    with gather_params_ctx(base.weight, modifier_rank=None), gathered([base.weight]):
         weight = base_weight_of(base)
         if layer.fan_in_fan_out:
             weight = weight.t()
@@ -45,4 +47,4 @@ def write_weight(layer: BaseTunerLayer, weight: torch.Tensor) -> None:
         dtype = getattr(base, "compute_dtype", None) or torch.float16
     if layer.fan_in_fan_out:
         weight = weight.t()
-    layer.set_base_weight(weight.to(dtype).contiguous())
+    set_base_weight(layer, weight.to(dtype).contiguous())

@@ -25,13 +25,13 @@ from typing import Any, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
-from peft.utils import resolve_quantization_backend
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..kernels.dispatch import fused_forward
 from .base_weight import read_weight, write_weight
+from .compat import in_out_features, quantization_backend
 from .config import OrthoAdapterConfig
 from .cpu_4bit import remember_4bit_state, restore_4bit_layout
 
@@ -40,7 +40,7 @@ def is_supported_base(module: nn.Module) -> bool:
     """``nn.Linear``, ``Conv1D`` or a quantized linear layer PEFT knows how to dequantize."""
     if isinstance(module, (nn.Linear, Conv1D)):
         return True
-    backend = resolve_quantization_backend(module)
+    backend = quantization_backend(module)
     return backend is not None and backend.layer_type == "linear"
 
 
@@ -63,10 +63,10 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
                 f"{type(self).__name__} cannot wrap {type(base).__name__}: only torch.nn.Linear, "
                 "transformers' Conv1D and bitsandbytes 8/4-bit linear layers are supported"
             )
-        self.quantization_backend = resolve_quantization_backend(base)
+        self.quantization_backend = quantization_backend(base)
         if self.quantization_backend is not None:
             remember_4bit_state(base)
-        self.in_features, self.out_features = _get_in_out_features(base)
+        self.in_features, self.out_features = in_out_features(base)
         self.fan_in_fan_out = isinstance(base, Conv1D)
         self.module_name: str = kwargs.get("module_name", "")
         self.r: dict[str, int] = {}

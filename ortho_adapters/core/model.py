@@ -10,15 +10,16 @@ import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
-    _get_in_out_features,
     _maybe_include_all_linear_layers,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from .compat import in_out_features
 from .config import OrthoAdapterConfig
 from .finite import check_base_weight
 from .layer import OrthoLayer, is_supported_base
+from .zero3 import check_no_partitions, gather_saved_entries
 
 
 class OrthoTuner(BaseTuner):
@@ -91,9 +92,44 @@ class OrthoTuner(BaseTuner):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if not is_supported_base(base):
                 raise ValueError(self._unsupported(name, base))
-            out_features, in_features = _get_in_out_features(base)[::-1]
+            out_features, in_features = in_out_features(base)[::-1]
             r = self.layer_cls.resolve_rank(config, out_features, in_features)
             self.layer_cls.check_rank(r, out_features, in_features, name)
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: OrthoAdapterConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's selection of the adapter's entries (``save_pretrained``, ``get_peft_model_state_dict``),
+        with every DeepSpeed ZeRO-3 partition among them gathered first (:func:`.zero3.gather_saved_entries`),
+        so that the full adapter is saved and never an empty ``(0,)`` tensor. Under ZeRO-3 every process
+        must call ``save_pretrained`` (``is_main_process=`` picks the writer): the gather is a collective.
+        """
+        gather_saved_entries(model, state_dict)
+        out = super()._get_adapter_state_dict(
+            model=model,
+            config=config,
+            adapter_name=adapter_name,
+            state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+        check_no_partitions(model, out)
+        return out
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's ``delete_adapter``, with each layer's ``adapter_dropout`` entry removed first: peft < 0.20
+        lists the module names before deleting and skips only names with the method's prefix, so it would
+        look up the deleted, prefix-less ``adapter_dropout.<name>`` and fail (the entry holds no tensors)."""
+        if adapter_name in self.peft_config:
+            for module in self.model.modules():
+                if isinstance(module, OrthoLayer) and adapter_name in module.adapter_dropout:
+                    del module.adapter_dropout[adapter_name]
+        super().delete_adapter(adapter_name)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's convention: adapters in fp32 (``True``, how they are created) or in the base layer's dtype.

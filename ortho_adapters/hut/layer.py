@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 from ..core.base_weight import base_weight_of, read_weight
 from ..core.layer import COMMON_NAMES, OrthoLayer
 from ..core.precision import compute_dtype
+from ..core.zero3 import gathered
 from .config import HUTConfig
 from .execution import choose_path, factored_update, hadamard_linear, hadamard_multiplier, path_costs
 
@@ -96,6 +99,22 @@ class HUTLayer(OrthoLayer):
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
         return weight, bias, compute_dtype(x, weight.dtype)
 
+    @contextmanager
+    def _base_weight_read(self, x: torch.Tensor, weight: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``weight`` (from :meth:`_compute_weight`), or, when the base weight is a DeepSpeed ZeRO-3 partition
+        here, the gathered weight for the duration of the block: DeepSpeed gathers it for the base layer's own
+        forward and, in a forward through its engine, for any module that reads it, but a forward outside the
+        engine (``generate()``, a plain ``model(...)``) or after the base layer's forward finds a partition.
+        The gathered weight is passed on as a view, so what autograd saves outlives the partitioning.
+        """
+        base = self.get_base_layer()
+        params = [p for p in (base.weight, getattr(base, "bias", None)) if isinstance(p, torch.Tensor)]
+        with gathered(params) as regathered:
+            if regathered:
+                weight = self._compute_weight(x)[0]
+                weight = weight.view(weight.shape)
+            yield weight
+
     def execution_path(self, adapter_name: str, x: torch.Tensor, dropout: bool = False) -> str:
         """``"materialize"`` or ``"factored"`` for this call (``execution="auto"``: fewer multiply-adds)."""
         mode = self.hut_execution[adapter_name]
@@ -122,15 +141,17 @@ class HUTLayer(OrthoLayer):
         weight, bias, dtype = self._compute_weight(x)
         path = self.execution_path(name, x, dropping)
         if path == "materialize" and not dropping:
-            out = leaf(x, weight, bias, scaling, "fused", dtype)
+            with self._base_weight_read(x, weight) as weight:
+                out = leaf(x, weight, bias, scaling, "fused", dtype)
             return out if self.quantization_backend is None else out.to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
-        if path == "materialize":
-            update = leaf(dropout(x), weight, None, scaling, "update", dtype)
-        else:
-            update = leaf(dropout(self.adapter_input(name, x)), weight, None, scaling, "factored")
+        with self._base_weight_read(x, weight) as weight:  # the base layer's forward released a ZeRO-3 weight
+            if path == "materialize":
+                update = leaf(dropout(x), weight, None, scaling, "update", dtype)
+            else:
+                update = leaf(dropout(self.adapter_input(name, x)), weight, None, scaling, "factored")
         return result + update.to(result.dtype)
 
     def _stacked_forward(self, names: list[str], x: torch.Tensor) -> torch.Tensor:
@@ -145,15 +166,16 @@ class HUTLayer(OrthoLayer):
         for name in names:
             m = self.hut_factors[name](None, None, None, self.scaling[name], "multiplier")
             multiplier = m if multiplier is None else multiplier * m
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        with self._base_weight_read(x, weight) as weight, torch.autocast(x.device.type, enabled=False):
+            bias = None if bias is None else bias.to(dtype)
             out = F.linear(x.to(dtype), (weight.float() * multiplier).to(dtype), bias)
         return out if self.quantization_backend is None else out.to(x.dtype)
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The additive update ``x (W0 ⊙ s B A)^T`` in ``x``'s dtype (factored form)."""
         leaf = self.hut_factors[adapter_name]
-        return factored_update(x, self._compute_weight(x)[0], leaf.B, leaf.A, self.scaling[adapter_name])
+        with self._base_weight_read(x, self._compute_weight(x)[0]) as weight:
+            return factored_update(x, weight, leaf.B, leaf.A, self.scaling[adapter_name])
 
     # ----- merging -----------------------------------------------------------------------------------
     def _multiplier(self, adapter_name: str) -> torch.Tensor:

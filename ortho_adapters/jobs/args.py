@@ -36,7 +36,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
         "n_eval": 500,
         "targets": SMOLLM2_TARGETS,
         "compare": ["zeroshot", "lora"],
-        "init_samples": 64,
+        "init_samples": 16,
     },
 }
 
@@ -60,6 +60,7 @@ class FinetuneArgs:
     compare: Optional[list[str]] = None
     warmup_ratio: float = 0.06
     init_samples: Optional[int] = None
+    init_svd: str = "auto"
     quantize: Optional[str] = None
     gradient_checkpointing: bool = False
     seed: int = 0

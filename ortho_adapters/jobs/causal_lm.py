@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import data
+from ..core.compat import dtype_kwarg
 from .args import FinetuneArgs, resolve, training_arguments
 from .encoder import adapter_parameter_count, warmup_steps_for
 from .lm_tasks import LMExample, get_task, load_examples
@@ -44,7 +45,8 @@ def load_model(quantize: Optional[str] = None) -> tuple[PreTrainedModel, PreTrai
     path = data.convert_smollm2()
     tokenizer = data.load_smollm2_tokenizer()
     if quantize is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        fp32 = dtype_kwarg(torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, **fp32, local_files_only=True)
     elif quantize == "4bit":
         bnb = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -53,7 +55,7 @@ def load_model(quantize: Optional[str] = None) -> tuple[PreTrainedModel, PreTrai
             bnb_4bit_use_double_quant=True,
         )
         model = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=bnb, dtype=torch.float32, local_files_only=True
+            path, quantization_config=bnb, **dtype_kwarg(torch.float32), local_files_only=True
         )
     else:
         raise ValueError(f"quantize must be None or '4bit', got {quantize!r}")
@@ -121,7 +123,9 @@ def train_arm(
     if spec.gradient_init:
         loader = DataLoader(rows, batch_size=args.batch_size, shuffle=False, collate_fn=collator)
         model.train()
-        init_info = gradient_init(model, loader, config, args.init_samples, lr, warmup_steps, args.progress)
+        init_info = gradient_init(
+            model, loader, config, args.init_samples, lr, warmup_steps, args.progress, args.init_svd
+        )
     model = get_peft_model(model, config)
     init_seconds = time.perf_counter() - start
     training_args = training_arguments(

@@ -136,7 +136,9 @@ def train_method(name: str, splits, args: FinetuneArgs, save_dir: Optional[Path]
         # eta = the learning rate of the first warm-up step, as in the official LoRA-SB code
         loader = DataLoader(splits["train"], batch_size=args.batch_size, shuffle=False)
         model.train()
-        init_info = gradient_init(model, loader, config, args.init_samples, lr, warmup_steps, args.progress)
+        init_info = gradient_init(
+            model, loader, config, args.init_samples, lr, warmup_steps, args.progress, args.init_svd
+        )
     model = get_peft_model(model, config)
     training_args = training_arguments(
         args, name, lr, warmup_steps, per_device_eval_batch_size=64, logging_steps=25
@@ -149,8 +151,8 @@ def train_method(name: str, splits, args: FinetuneArgs, save_dir: Optional[Path]
     prediction = trainer.predict(splits["test"])
     accuracy = float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())
     eval_seconds = time.perf_counter() - eval_start
-    if save_dir is not None and args.save_adapter and trainer.is_world_process_zero():
-        model.save_pretrained(str(save_dir))
+    if save_dir is not None and args.save_adapter:  # every process: a ZeRO-3 adapter is gathered to save
+        model.save_pretrained(str(save_dir), is_main_process=trainer.is_world_process_zero())
     return RunResult(
         name,
         accuracy,

@@ -115,6 +115,7 @@ def gradient_init(
     learning_rate: float,
     warmup_steps: int,
     progress: bool = True,
+    svd: str = "auto",
 ) -> dict[str, Any]:
     """LoRA-SB's gradient init, ``eta = learning_rate / max(warmup_steps, 1)`` (the official code's choice).
 
@@ -128,9 +129,12 @@ def gradient_init(
         learning_rate=learning_rate,
         warmup_steps=warmup_steps,
         progress=progress,
+        svd=svd,
     )
     return {
         "init_step_size": result.step_size,
         "init_loss_before": result.loss_before,
         "init_loss_after": result.loss_after,
+        "init_svd": svd,
+        "init_samples": result.samples,
     }

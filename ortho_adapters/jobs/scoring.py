@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..core.compat import output_cache
 from .lm_tasks import LMExample
 
 IGNORE_INDEX = -100
@@ -102,14 +103,14 @@ def _score_batch(
         opt_mask[k, : len(a)] = 1
     scores = first[owner].gather(-1, opt[:, :1]).squeeze(-1)
     if width > 1:
-        cache = out.cache  # transformers >= 5.2x (formerly past_key_values)
+        keyword, cache = output_cache(out)  # ``cache`` in transformers >= 5.2x, ``past_key_values`` before
         cache.batch_select_indices(owner)
         rest = model(
             input_ids=opt[:, :-1],
             attention_mask=torch.cat([mask[owner], opt_mask[:, :-1]], dim=1),
             position_ids=mask.sum(-1)[owner, None] + torch.arange(width - 1, device=device),
-            cache=cache,
             use_cache=False,
+            **{keyword: cache},
         )
         logprobs = torch.log_softmax(rest.logits.float(), dim=-1)  # position t predicts answer token t + 1
         picked = logprobs.gather(-1, opt[:, 1:].unsqueeze(-1)).squeeze(-1)

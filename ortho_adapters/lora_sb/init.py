@@ -34,10 +34,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.batches import call_model, to_device
-from ..core.distributed import all_reduce_sums
+from ..core.distributed import all_reduce_sums, broadcast_from_first
 from ..core.finite import NonFiniteError, check_finite
 from ..core.layer import is_supported_base
-from ..core.svd import truncated_svd
+from ..core.svd import SVD_METHODS, SVDMethod, truncated_svds
+from ..core.zero3 import whole_for_plain_forward
 from .config import LoraSBConfig
 from .layer import PENDING_FACTORS_ATTR, LoraSBLayer
 
@@ -173,7 +174,10 @@ def resolve_step_size(
         return lr  # transformers' get_scheduler ignores warmup_steps for these
     if num_training_steps is None and (getattr(training_args, "max_steps", -1) or -1) > 0:
         num_training_steps = int(training_args.max_steps)
-    return lr / max(_warmup_count(training_args.warmup_steps, num_training_steps, "training_args."), 1)
+    from ..core.compat import warmup_of  # transformers 4.x keeps a ratio in warmup_ratio
+
+    warmup = warmup_of(training_args, num_training_steps)
+    return lr / max(_warmup_count(warmup, num_training_steps, "training_args."), 1)
 
 
 def estimate_update(grad: torch.Tensor, step_size: float, update: str) -> torch.Tensor:
@@ -469,6 +473,7 @@ def initialize_lora_sb(
     training_args: Any = None,
     num_training_steps: Optional[int] = None,
     update: Literal["sign", "grad"] = "sign",
+    svd: SVDMethod = "auto",
     adapter_name: str = "default",
     progress: bool = True,
     loss_check: bool = True,
@@ -500,6 +505,11 @@ def initialize_lora_sb(
         num_training_steps: total optimizer steps of the run, only needed for a warm-up ratio.
 
         update: ``"sign"`` (Adam's first step, the paper's choice) or ``"grad"`` (``-eta G / ||G||_F``).
+        svd: how the rank-r truncation of ``dW`` is computed: ``"full"`` (LAPACK, exact), ``"randomized"``
+            (Halko et al. 2011 with oversampling and power iterations: milliseconds instead of seconds per
+            large matrix, within 1 % of the exact truncation's error on real update estimates, see
+            ``scripts/bench_init.py``) or ``"auto"`` (randomized where the sketch is small against the
+            matrix, see :func:`ortho_adapters.core.svd.resolve_svd_method`). Layers of one shape are batched.
         adapter_name: the adapter whose factors are replaced (PEFT model).
         progress: show tqdm bars.
         loss_check: after the factors are computed, run one extra no-grad forward over the same batches
@@ -539,6 +549,8 @@ def initialize_lora_sb(
         raise ValueError("initialize_lora_sb needs exactly one of `dataloader` or `train_step`")
     if update not in ("sign", "grad"):
         raise ValueError(f"update must be 'sign' or 'grad', got {update!r}")
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
     eta = resolve_step_size(step_size, learning_rate, warmup_steps, training_args, num_training_steps)
     targets = _find_targets(model, config, adapter_name)
     if not targets:
@@ -553,7 +565,8 @@ def initialize_lora_sb(
     result.step_size = eta
     # outermost, so that PEFT's disable_adapter (which re-enables the active adapter's grads on exit)
     # cannot leave a flag changed
-    with _parameters_frozen(model):
+    # weights partitioned at load (ZeRO-3 zero.Init) before deepspeed.initialize: gathered for the passes
+    with _parameters_frozen(model), whole_for_plain_forward(model):
         seen = None
         with ExitStack() as stack:
             stack.enter_context(adapters_off())
@@ -584,15 +597,20 @@ def initialize_lora_sb(
         _check_pass(sums, bases, bad_loss)  # before any SVD: nothing is computed from a bad G
 
         zero = []
-        for name, (_, layer) in tqdm(targets.items(), desc="LoRA-SB SVD", disable=not progress):
-            r = layer.r[adapter_name] if layer is not None else config.r
-            update_estimate = estimate_update(sums.pop(name), eta, update)
-            u, s, vh = truncated_svd(
-                update_estimate, r, step=_STEP, statistic="update estimate dW", layer=name
-            )
-            if not bool(s[0] > 0):
-                zero.append(name)
-            result[name] = (u, torch.diag(s), vh)
+        ranks = {
+            name: layer.r[adapter_name] if layer is not None else config.r
+            for name, (_, layer) in targets.items()
+        }
+        for name in targets:  # each G is replaced by its update estimate: no extra copy of a layer is held
+            sums[name] = estimate_update(sums[name], eta, update)
+        svds = truncated_svds(sums, ranks, method=svd, step=_STEP, statistic="update estimate dW")
+        with tqdm(total=len(targets), desc="LoRA-SB SVD", unit="layer", disable=not progress) as bar:
+            for names, (us, ss, vhs) in svds:
+                for name, u, s, vh in zip(names, us, ss, vhs):
+                    if not bool(s[0] > 0):
+                        zero.append(name)
+                    result[name] = (u, torch.diag(s), vh)
+                bar.update(len(names))
         if zero:
             warnings.warn(
                 f"initialize_lora_sb: the gradient sum G of {len(zero)} layer(s) is exactly zero (e.g. "
@@ -616,6 +634,7 @@ def initialize_lora_sb(
             seen.batches.clear()
             _warn_on_loss_rise(result)
 
+    broadcast_from_first([t for name in sorted(result) for t in result[name]])  # identical on all ranks
     for name, (base, layer) in targets.items():
         b, rmat, a = result[name]
         if layer is not None:

@@ -13,6 +13,7 @@ from ..core.base_weight import read_weight
 from ..core.layer import COMMON_NAMES, OrthoLayer
 from ..core.leaf import MixingMatrix
 from ..core.svd import truncated_svd
+from ..core.zero3 import write_parameter
 from .config import LoraSBConfig
 
 # Attribute set on a base module by `initialize_lora_sb` before `get_peft_model`: (B, R, A) in fp32.
@@ -101,7 +102,7 @@ class LoraSBLayer(OrthoLayer):
         b, rmat, a = self._checked(adapter_name, b, rmat, a)
         weight = self.lora_sb_R[adapter_name].weight
         stored = rmat.to(weight.device, torch.float32) / self.scaling[adapter_name]
-        weight.copy_(stored)
+        write_parameter(weight, stored)  # also a ZeRO-3 partition and a ZeRO optimizer's fp32 copy
         for container, value in ((self.lora_sb_B, b), (self.lora_sb_A, a)):
             old = container[adapter_name]
             container[adapter_name] = value.detach().to(old.device, old.dtype).contiguous()

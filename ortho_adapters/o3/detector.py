@@ -49,13 +49,15 @@ class Detector:
     """Encoder + tokenizer + one LoRA adapter per request (kept outside the LM's module tree)."""
 
     def __init__(self, path: Optional[str], r: int, alpha: float, targets: Sequence[str], max_length: int):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
+
+        from ..core.compat import load_tokenizer
 
         folder = Path(path) if path else default_detector_path()
         if not folder.is_dir():
             raise FileNotFoundError(f"O3 detector encoder folder {folder} does not exist")
         self.path = str(folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.tokenizer = load_tokenizer(folder)
         self.encoder = AutoModel.from_pretrained(folder, local_files_only=True).eval()
         self.encoder.requires_grad_(False)
         self.lora_config = dict(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)

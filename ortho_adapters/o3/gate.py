@@ -171,13 +171,13 @@ class GateState:
     def _tokenizer(self, base_name: Optional[str]) -> Any:
         if self.lm_tokenizer is not None:
             return self.lm_tokenizer
-        from transformers import AutoTokenizer
+        from ..core.compat import load_tokenizer
 
         candidates = [g.config.gate_tokenizer for g in self.gates.values() if g.config.gate_tokenizer]
         candidates.append(base_name)
         for path in candidates:
             if path and Path(path).is_dir():
-                self.lm_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                self.lm_tokenizer = load_tokenizer(path)
                 return self.lm_tokenizer
         raise ValueError(
             "the O3 gate cannot turn input_ids into text: no LM tokenizer folder (O3Config.gate_tokenizer), "

@@ -10,6 +10,7 @@ import torch
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from ..core.compat import require_tuner_state_dict_hooks
 from ..core.model import OrthoTuner
 from .config import LLAMA_PROJECTIONS, O3Config
 from .gate import GateState
@@ -150,3 +151,7 @@ class O3Model(OrthoTuner):
         return super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=rest
         )
+
+
+# The gate and the nested o3_lora keys need the hooks above: with older PEFT, save and load raise.
+require_tuner_state_dict_hooks(O3Model)
