@@ -30,13 +30,18 @@ def _mix(u: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     return u * m if m.dim() == 1 else u @ m.t()
 
 
+def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
+    """``t * s``, skipping the pass over ``t`` for ``s == 1`` (LoRA-SB's and LoLDU's default)."""
+    return t if s == 1 else t * s
+
+
 class FrozenFactorProduct(torch.autograd.Function):
     """``y = s * ((x A^T) M^T) B^T``; saves ``u = x A^T`` for backward, never ``x``."""
 
     @staticmethod
     def forward(ctx, x, a, m, b, scaling: float):  # noqa: D102
         u = x @ a.t()
-        y = (_mix(u, m) @ b.t()) * scaling
+        y = _scaled(_mix(u, m), scaling) @ b.t()  # scale the T x r intermediate, not the T x m output
         ctx.save_for_backward(u, a, m, b)
         ctx.scaling = scaling
         ctx.autocast = autocast_state(x)
@@ -53,9 +58,9 @@ class FrozenFactorProduct(torch.autograd.Function):
         s = ctx.scaling
         need_x, _, need_m, need_b, _ = ctx.needs_input_grad
         grad_x = grad_m = grad_b = None
-        grad_v = (grad_y @ b) * s
+        grad_v = _scaled(grad_y @ b, s)
         if need_b:
-            grad_b = _flat(grad_y).t() @ _flat(_mix(u, m)) * s
+            grad_b = _scaled(_flat(grad_y).t() @ _flat(_mix(u, m)), s)
         if need_m:
             if m.dim() == 1:  # elementwise ops do not autocast: multiply in the matmuls' dtype
                 grad_m = (_flat(grad_v) * _flat(u).to(grad_v.dtype)).sum(0)

@@ -25,6 +25,7 @@ Not a version switch: peft < 0.20's ``delete_adapter`` trips over our prefix-les
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Optional
 
 import peft
@@ -68,17 +69,24 @@ def needs(feature: str) -> Optional[str]:
     raise ValueError(f"unknown feature {feature!r}")
 
 
-_NEEDS_HOOKS: set[type] = set()
+# tuner class -> (model -> the reason its save / load needs the hooks, or None when it does not)
+_NEEDS_HOOKS: dict[type, Callable[[nn.Module], Optional[str]]] = {}
 
 
-def require_tuner_state_dict_hooks(tuner_cls: type) -> None:
+def _always(model: nn.Module) -> Optional[str]:
+    return "the adapter would not round-trip"
+
+
+def require_tuner_state_dict_hooks(
+    tuner_cls: type, when: Callable[[nn.Module], Optional[str]] = _always
+) -> None:
     """Make ``get_peft_model_state_dict`` / ``set_peft_model_state_dict`` (and so ``save_pretrained``,
     ``PeftModel.from_pretrained``, ``load_adapter``) raise ``RuntimeError`` for a model of ``tuner_cls`` where
-    PEFT does not call the tuner's state-dict hooks (peft < 0.21): there the saved adapter would reload as
-    the base model. A no-op on peft >= 0.21."""
+    PEFT does not call the tuner's state-dict hooks (peft < 0.21) and ``when(model)`` gives a reason
+    (default: always; O3's saved adapter would reload as the base model). A no-op on peft >= 0.21."""
     if HAS_TUNER_STATE_DICT_HOOKS:
         return
-    _NEEDS_HOOKS.add(tuner_cls)
+    _NEEDS_HOOKS[tuner_cls] = when
     import sys
 
     from peft.utils import save_and_load
@@ -99,10 +107,12 @@ def _guarded(function: Any, action: str) -> Any:
     @functools.wraps(function)
     def guarded(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         tuner = getattr(model, "base_model", model)
-        if isinstance(tuner, tuple(_NEEDS_HOOKS)):
+        reasons = [when(tuner) for cls, when in _NEEDS_HOOKS.items() if isinstance(tuner, cls)]
+        reason = next((r for r in reasons if r), None)
+        if reason:
             raise RuntimeError(
                 f"{type(tuner).__name__}: {action} needs peft >= 0.21 (installed {PEFT_VERSION}): older PEFT "
-                "does not call the tuner's state-dict hooks, so the adapter would not round-trip. "
+                f"does not call the tuner's state-dict hooks, so {reason}. "
                 "Upgrade with `pip install 'peft>=0.21'`."
             )
         return function(model, *args, **kwargs)

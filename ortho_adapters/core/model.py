@@ -15,11 +15,11 @@ from peft.tuners.tuners_utils import (
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .compat import in_out_features
+from .compat import in_out_features, require_tuner_state_dict_hooks
 from .config import OrthoAdapterConfig
 from .finite import check_base_weight
 from .layer import OrthoLayer, is_supported_base
-from .zero3 import check_no_partitions, gather_saved_entries
+from .zero3 import check_no_partitions, gather_saved_entries, is_zero3_param
 
 
 class OrthoTuner(BaseTuner):
@@ -172,3 +172,13 @@ class OrthoTuner(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+
+def _zero3_save_needs_hooks(model: nn.Module) -> Optional[str]:
+    """Under ZeRO-3 the adapter is gathered for saving in ``_get_adapter_state_dict`` (peft >= 0.21)."""
+    if any(is_zero3_param(p) for p in model.parameters()):
+        return "DeepSpeed ZeRO-3 partitions would be saved empty (no gather)"
+    return None
+
+
+require_tuner_state_dict_hooks(OrthoTuner, when=_zero3_save_needs_hooks)

@@ -25,7 +25,7 @@ from .args import FinetuneArgs, resolve, training_arguments
 from .encoder import adapter_parameter_count, warmup_steps_for
 from .lm_tasks import LMExample, get_task, load_examples
 from .methods import CAUSAL_LM, ZEROSHOT, get_method, gradient_init
-from .report import RunResult, peak_rss_mb
+from .report import RunResult, is_main_process, peak_rss_mb
 from .scoring import (
     LeftPadCollator,
     choice_accuracy,
@@ -164,7 +164,8 @@ def run_arm(name: str, args: FinetuneArgs, save_dir: Optional[Path] = None) -> R
     accuracy = evaluate(model, tokenizer, args.dataset, test, args)
     eval_seconds = time.perf_counter() - eval_start
     if save_dir is not None and args.save_adapter and name != ZEROSHOT:
-        model.save_pretrained(str(save_dir))
+        # every process calls it (a ZeRO-3 save gathers, a collective); only the first one writes
+        model.save_pretrained(str(save_dir), is_main_process=is_main_process())
     extra = {
         **{k: v for k, v in info.items() if k not in ("train_seconds", "seconds_per_step")},
         "targets": ",".join(args.targets) if name != ZEROSHOT else "-",
