@@ -3,7 +3,9 @@
 Receives the global adapter state (FedSVD: ``A`` and ``B`` of every layer) and the run settings; replies with
 the trainable tensors only (FedSVD / FFA-LoRA: ``B``, plus the head when it is trained; FedAvg-LoRA: ``A``
 and ``B``), the example count and, under DP, its privacy report. The client's accountant history lives in
-``context.state`` (kept by Flower across rounds), so its epsilon accumulates over the whole run.
+a node-local :class:`~.ledger.PrivacyLedger` when the node has ``state-dir`` in its node config (it then
+survives SuperNode restarts and accumulates over every run of the same ``experiment_id``), else in
+``context.state`` (kept by Flower across the rounds of one run, in memory).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from flwr.clientapp import ClientApp
 from ..privacy import ClientPrivacy
 from ..task import client_dataset, frozen_key, loss_of, tokenized_splits
 from ..training import local_train
+from .ledger import PrivacyLedger
 from .settings import FedSettings
 from .state import adapter_state, cached_model, load_adapter_state
 
@@ -29,15 +32,31 @@ def partition_of(context: Context) -> tuple[int, int]:
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
 
 
-def load_privacy(context: Context) -> ClientPrivacy | None:
-    """This node's run-long privacy state, if it has one."""
+def ledger_of(context: Context, settings: FedSettings) -> PrivacyLedger | None:
+    """The node-local ledger (node config ``state-dir``), or ``None`` when the node has no state dir."""
+    state_dir = context.node_config.get("state-dir")
+    if not state_dir:
+        return None
+    return PrivacyLedger(str(state_dir), settings.experiment_id, partition_of(context)[0])
+
+
+def load_privacy(context: Context, settings: FedSettings) -> ClientPrivacy | None:
+    """This client's privacy state so far: from its ledger on disk, else from the run's ``context.state``."""
+    ledger = ledger_of(context, settings)
+    if ledger is not None:
+        return ledger.load(settings.dp)
     if PRIVACY_STATE not in context.state:
         return None
     return ClientPrivacy.from_state(json.loads(context.state[PRIVACY_STATE]["json"]))
 
 
-def save_privacy(context: Context, privacy: ClientPrivacy) -> None:
-    context.state[PRIVACY_STATE] = ConfigRecord({"json": json.dumps(privacy.state_dict())})
+def save_privacy(context: Context, settings: FedSettings, privacy: ClientPrivacy) -> None:
+    """Record the state before the round's reply leaves (atomically on disk with a ledger)."""
+    ledger = ledger_of(context, settings)
+    if ledger is not None:
+        ledger.save(privacy)
+    else:
+        context.state[PRIVACY_STATE] = ConfigRecord({"json": json.dumps(privacy.state_dict())})
 
 
 def round_seed(seed: int, partition: int, server_round: int) -> int:
@@ -71,7 +90,7 @@ def train(msg: Message, context: Context) -> Message:
     privacy = None
     trained = True
     if settings.dp is not None:
-        privacy = load_privacy(context) or ClientPrivacy.create(
+        privacy = load_privacy(context, settings) or ClientPrivacy.create(
             settings.dp, len(dataset), settings.batch_size, settings.planned_steps
         )
         trained = privacy.can_train(settings.local_steps)
@@ -90,7 +109,7 @@ def train(msg: Message, context: Context) -> Message:
         )
     if privacy is not None:
         (privacy.rounds if trained else privacy.skipped).append(server_round)
-        save_privacy(context, privacy)
+        save_privacy(context, settings, privacy)
 
     sent = {k: v for k, v in adapter_state(model).items() if not frozen_key(settings.arm, k)}
     finite = [x for x in losses if x == x]

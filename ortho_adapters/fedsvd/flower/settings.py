@@ -19,7 +19,9 @@ class FedSettings:
     ``epsilon = 0`` means no differential privacy. ``planned_rounds = 0`` means the expected number of rounds
     a client is sampled in, ``ceil(rounds * clients_per_round / num_clients)``: each client's noise is
     calibrated so that this many rounds of ``local_steps`` steps spend exactly ``epsilon``; a client sampled
-    more often refuses to train once its next round would exceed ``epsilon``.
+    more often refuses to train once its next round would exceed ``epsilon``. ``experiment_id`` keys each
+    client's node-local privacy ledger (SuperNodes started with ``--node-config "state-dir=<dir>"``): runs
+    of one experiment share one budget, across restarts too.
     """
 
     arm: str = "fedsvd"
@@ -44,6 +46,7 @@ class FedSettings:
     accountant: str = "rdp"
     planned_rounds: int = 0
     seed: int = 0
+    experiment_id: str = "fedsvd"
     report: str = ""
     node_wait_s: float = 120.0
     progress: bool = True
