@@ -30,6 +30,9 @@ def add_federated_parser(sub: Any) -> argparse.ArgumentParser:
         "report": "JSON report path (default: runs/federated/<arm>_eps<epsilon>.json)",
         "targets": "comma-separated module names",
         "train_head": "also train (and average) the classification head",
+        "experiment_id": "key of each client's privacy ledger (nodes with a state-dir): runs of one "
+        "experiment share one budget",
+        "checkpoint_dir": "server checkpoint after every round; a run with the same settings resumes there",
     }
     skip = {"progress", "node_wait_s"}
     for f in dataclasses.fields(FedSettings):

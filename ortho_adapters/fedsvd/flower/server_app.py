@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from ..task import accuracy, frozen_key, server_step, tokenized_splits
+from .checkpoint import Progress, ServerCheckpoint
 from .settings import FedSettings
 from .state import cached_model, initial_state, load_adapter_state
 
@@ -34,7 +35,7 @@ from .state import cached_model, initial_state, load_adapter_state
 class FedSVDStrategy(FedAvg):
     """Seeded client sampling, validated aggregation with the arm's server step, per-client bookkeeping."""
 
-    def __init__(self, settings: FedSettings, global_state: dict[str, torch.Tensor]):
+    def __init__(self, settings: FedSettings, global_state: dict[str, torch.Tensor], round_offset: int = 0):
         super().__init__(
             fraction_train=settings.clients_per_round / settings.num_clients,
             fraction_evaluate=0.0,
@@ -47,6 +48,9 @@ class FedSVDStrategy(FedAvg):
         self.round_log: dict[int, dict[str, Any]] = {}
         self.clients: dict[int, dict[str, Any]] = {}
         self.node_of: Optional[dict[int, int]] = None
+        # rounds already finished before this run (a resume): Flower counts from 1 again, the run goes on
+        # with the experiment's round numbers (client sampling and client seeds depend on them)
+        self.round_offset = round_offset
 
     def partitions(self, grid: Grid) -> dict[int, int]:
         """``partition-id -> node id`` of all nodes (asked once with a QUERY message, once all connected)."""
@@ -83,6 +87,7 @@ class FedSVDStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global state (``A`` and ``B``) and the settings to the sampled nodes."""
+        server_round += self.round_offset
         self.global_state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
         record = ConfigRecord({**self.settings.to_record(), "server-round": server_round})
         content = RecordDict({"arrays": arrays, "config": record})
@@ -93,6 +98,7 @@ class FedSVDStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         """Validate the replies and apply the arm's server step to those that trained."""
+        server_round += self.round_offset
         states, counts, names, losses = [], [], [], []
         errors, refused = [], []
         for msg in replies:
@@ -147,15 +153,32 @@ def run_server(grid: Grid, settings: FedSettings) -> dict[str, Any]:
     model = cached_model(settings.spec)
     initial = initial_state(settings.spec)
     _, test_set = tokenized_splits(settings.n_train, settings.n_eval, settings.max_length, settings.seed)
-    strategy = FedSVDStrategy(settings, initial)
+    checkpoint = (
+        ServerCheckpoint(settings.checkpoint_dir, settings.to_record()) if settings.checkpoint_dir else None
+    )
+    resumed = checkpoint.load() if checkpoint is not None else None
+    accuracies: dict[int, float] = {}
+    if resumed is None:
+        strategy = FedSVDStrategy(settings, initial)
+    else:
+        state, progress = resumed
+        load_adapter_state(model, state)  # checks that the saved keys are this arm's
+        strategy = FedSVDStrategy(settings, state, round_offset=progress.server_round)
+        strategy.round_log, strategy.clients = progress.round_log, progress.clients
+        accuracies.update(progress.accuracies)
+        initial = state
+        log(INFO, "resuming from %s after round %s", settings.checkpoint_dir, progress.server_round)
     label = f"{settings.arm} eps={settings.epsilon or 'none'}"
     start = time.perf_counter()
-    accuracies: dict[int, float] = {}
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_adapter_state(model, arrays.to_torch_state_dict())
+        server_round += strategy.round_offset
+        state = arrays.to_torch_state_dict()
+        load_adapter_state(model, state)
         acc = accuracy(model, test_set)
         accuracies[server_round] = acc
+        if checkpoint is not None and server_round > strategy.round_offset:
+            checkpoint.save(state, Progress(server_round, strategy.round_log, strategy.clients, accuracies))
         if settings.progress:
             entry = strategy.round_log.get(server_round, {})
             eps = [c["privacy"]["epsilon"] for c in strategy.clients.values() if "privacy" in c]
@@ -173,12 +196,19 @@ def run_server(grid: Grid, settings: FedSettings) -> dict[str, Any]:
             )
         return MetricRecord({"accuracy": acc})
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord.from_torch_state_dict(initial),
-        num_rounds=settings.rounds,
-        evaluate_fn=evaluate,
-    )
+    remaining = settings.rounds - strategy.round_offset
+    if remaining < 0:
+        raise ValueError(
+            f"checkpoint in {settings.checkpoint_dir} is after round {strategy.round_offset}, beyond rounds="
+            f"{settings.rounds}"
+        )
+    if remaining:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord.from_torch_state_dict(initial),
+            num_rounds=remaining,
+            evaluate_fn=evaluate,
+        )
     report = build_report(settings, strategy, accuracies, time.perf_counter() - start)
     if settings.report:
         path = Path(settings.report)

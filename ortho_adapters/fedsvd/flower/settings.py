@@ -21,7 +21,9 @@ class FedSettings:
     calibrated so that this many rounds of ``local_steps`` steps spend exactly ``epsilon``; a client sampled
     more often refuses to train once its next round would exceed ``epsilon``. ``experiment_id`` keys each
     client's node-local privacy ledger (SuperNodes started with ``--node-config "state-dir=<dir>"``): runs
-    of one experiment share one budget, across restarts too.
+    of one experiment share one budget, across restarts too. ``checkpoint_dir``: the server writes the
+    global state after every round there and a new run with the same settings resumes after the last
+    finished round (:mod:`.checkpoint`).
     """
 
     arm: str = "fedsvd"
@@ -47,6 +49,7 @@ class FedSettings:
     planned_rounds: int = 0
     seed: int = 0
     experiment_id: str = "fedsvd"
+    checkpoint_dir: str = ""
     report: str = ""
     node_wait_s: float = 120.0
     progress: bool = True
