@@ -95,7 +95,7 @@ def test_a_failed_write_keeps_the_old_ledger(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("ortho_adapters.fedsvd.flower.ledger.os.replace", fail)
+    monkeypatch.setattr("ortho_adapters.fedsvd.flower.durable.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         ledger.save(more)
     assert ledger.path.read_bytes() == old

@@ -7,7 +7,7 @@ every round (once the round's aggregate is evaluated):
 * ``progress.json``: the last finished round, that file's name, the run's per-round log, per-client
   bookkeeping and accuracies, and the settings that define the experiment.
 
-Both are written atomically (temporary file, fsync, rename), the state first, so ``progress.json`` always
+Both are written atomically (:func:`.durable.write_atomically`), the state first, so ``progress.json`` always
 names a complete state file. A new run with the same settings and ``checkpoint_dir`` resumes after the
 last finished round, with the same round numbers (client sampling and client seeds depend on them), so
 without DP it ends with the same global state as a run that was never interrupted.
@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .durable import write_atomically
 
 PROGRESS = "progress.json"
 # settings that do not change what the run computes: they may differ between a run and its resume
@@ -45,19 +46,6 @@ def identity(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sorted(settings.items()) if k not in _NOT_IDENTITY}
 
 
-def _atomic(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        with open(temporary, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 class ServerCheckpoint:
     """The checkpoints of one experiment in ``folder``."""
 
@@ -67,10 +55,9 @@ class ServerCheckpoint:
 
     def save(self, state: dict[str, torch.Tensor], progress: Progress) -> None:
         """Write round ``progress.server_round``'s global state, then the progress naming it."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         name = f"global-round-{progress.server_round}.safetensors"
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        _atomic(self.folder / name, lambda path: save_file(tensors, path))
+        write_atomically(self.folder / name, lambda path: save_file(tensors, path))
         record = {
             "server_round": progress.server_round,
             "state_file": name,
@@ -79,7 +66,7 @@ class ServerCheckpoint:
             "clients": {str(k): v for k, v in progress.clients.items()},
             "accuracies": {str(k): v for k, v in progress.accuracies.items()},
         }
-        _atomic(self.folder / PROGRESS, lambda path: Path(path).write_text(json.dumps(record)))
+        write_atomically(self.folder / PROGRESS, lambda path: Path(path).write_text(json.dumps(record)))
         for old in self.folder.glob("global-round-*.safetensors"):
             if old.name != name:
                 old.unlink()

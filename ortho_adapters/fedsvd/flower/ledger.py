@@ -4,7 +4,7 @@ Flower keeps ``Context.state`` per run and in memory on the SuperNode, so a rest
 run of the same experiment, would start the client's epsilon at zero again. With ``--node-config
 "state-dir=<dir>"`` the client keeps its :class:`~ortho_adapters.fedsvd.privacy.ClientPrivacy` in
 ``<dir>/privacy-ledger/<experiment-id>/partition-<p>.json`` instead, keyed by the run config's
-``experiment_id``. The file is written atomically (temporary file, fsync, rename, fsync of the folder)
+``experiment_id``. The file is written atomically (:func:`.durable.write_atomically`)
 after the round's steps are accounted and before the round's update leaves the client, so a crash leaves
 either the old or the new ledger, never a partial one, and no update is ever sent that the ledger does
 not count.
@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from ..privacy import ClientPrivacy, DPConfig
+from .durable import write_atomically
 
 LEDGER_DIR = "privacy-ledger"
 _EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -61,19 +61,5 @@ class PrivacyLedger:
 
     def save(self, privacy: ClientPrivacy) -> None:
         """Write ``privacy`` atomically (see the module docstring)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(handle, "w") as file:
-                json.dump(privacy.state_dict(), file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        folder = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        text = json.dumps(privacy.state_dict())
+        write_atomically(self.path, lambda temporary: Path(temporary).write_text(text))
