@@ -9,6 +9,9 @@ its CPU inference kernel is restored first (see :mod:`.cpu_4bit`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import gather_params_ctx
@@ -21,18 +24,24 @@ from .zero3 import gathered
 
 def base_weight_of(base: nn.Module) -> torch.Tensor:
     """The weight of a plain or quantized base layer as stored (dequantized; a CPU-packed 4-bit weight is
-    restored first, since it dequantizes to garbage). Under ZeRO-3 call it inside ``gather_params_ctx``."""
+    restored first, since it dequantizes to garbage). Under ZeRO-3 read it via :func:`whole_base_weight`."""
     restore_4bit_layout(base)
     backend = quantization_backend(base)
     return backend.get_base_weight(base) if backend is not None else base.weight.data
 
 
+@contextmanager
+def whole_base_weight(base: nn.Module) -> Iterator[torch.Tensor]:
+    """:func:`base_weight_of` ``base`` for the block, a ZeRO-3 partitioned weight gathered meanwhile (every
+    process must enter it). No-ops without ZeRO-3: PEFT's gather where transformers knows the DeepSpeed
+    config, ours where it does not (``torchrun`` + ``deepspeed.initialize``)."""
+    with gather_params_ctx(base.weight, modifier_rank=None), gathered([base.weight]):
+        yield base_weight_of(base)
+
+
 def read_weight(layer: BaseTunerLayer) -> torch.Tensor:
     """Return a fresh fp32 ``(out_features, in_features)`` copy of the (dequantized) base weight."""
-    base = layer.get_base_layer()
-    # no-ops without ZeRO-3; the second also gathers where transformers was not told (torchrun + deepspeed)
-    with gather_params_ctx(base.weight, modifier_rank=None), gathered([base.weight]):
-        weight = base_weight_of(base)
+    with whole_base_weight(layer.get_base_layer()) as weight:
         if layer.fan_in_fan_out:
             weight = weight.t()
         return weight.detach().to(torch.float32, copy=True)

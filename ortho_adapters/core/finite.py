@@ -18,10 +18,9 @@ from typing import Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
-from .base_weight import base_weight_of
+from .base_weight import whole_base_weight
 
 
 class NonFiniteError(ValueError):
@@ -106,9 +105,9 @@ def check_base_weight(module: nn.Module, *, step: str, layer: str, hint: Optiona
     weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
         return
-    with gather_params_ctx(base.weight, modifier_rank=None):  # no-op without ZeRO-3
+    with whole_base_weight(base) as values:
         check_finite(
-            base_weight_of(base).detach(),
+            values.detach(),
             step=step,
             statistic="base weight",
             layer=layer,
