@@ -11,7 +11,12 @@ import sys
 from typing import Optional
 
 from .jobs.args import CAUSAL_LM_TASKS, MODELS, FinetuneArgs
-from .jobs.federated import add_federated_parser, run_federated_job
+from .jobs.federated import (
+    add_credentials_parser,
+    add_federated_parser,
+    run_credentials_job,
+    run_federated_job,
+)
 from .jobs.finetune import run_finetune
 
 
@@ -83,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="install and cache the offline models and data sets (--only / --skip ASSET, --list, --force)",
     )
     add_federated_parser(sub)
+    add_credentials_parser(sub)
     return parser
 
 
@@ -102,6 +108,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     values = {k: v for k, v in vars(args).items() if k != "command"}
     if args.command == "federated":
         run_federated_job(values)
+        return 0
+    if args.command == "federated-credentials":
+        run_credentials_job(values)
         return 0
     run_finetune(FinetuneArgs(**values))
     return 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Iterable
+from types import SimpleNamespace
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
@@ -33,8 +35,9 @@ class LocalGrid(Grid):
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
     @property
-    def run(self):  # pragma: no cover - not used by the strategy
-        raise NotImplementedError
+    def run(self):
+        """What Flower's legacy client manager reads (the SecAgg+ workflow): the run id."""
+        return SimpleNamespace(run_id=1)
 
     def set_run(self, run_id: int) -> None:  # pragma: no cover
         pass
@@ -61,6 +64,7 @@ class LocalGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             self.sent.append(msg)
-            reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            # a copy, as if serialized: a client must not see (or mutate) what another node receives
+            reply = self.client_app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
             replies.append(self.tamper(reply) if self.tamper else reply)
         return replies

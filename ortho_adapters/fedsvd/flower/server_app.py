@@ -53,7 +53,10 @@ class FedSVDStrategy(FedAvg):
         self.round_offset = round_offset
 
     def partitions(self, grid: Grid) -> dict[int, int]:
-        """``partition-id -> node id`` of all nodes (asked once with a QUERY message, once all connected)."""
+        """``partition-id -> node id`` of all nodes (asked once with a QUERY message, once all connected).
+
+        A node that does not answer (e.g. a SuperNode restarting: the SuperLink reports it unavailable until
+        its next heartbeat) is asked again every 2 s until ``node_wait_s`` has passed."""
         if self.node_of is not None:
             return self.node_of
         deadline = time.monotonic() + self.settings.node_wait_s
@@ -61,12 +64,21 @@ class FedSVDStrategy(FedAvg):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(nodes)} of {self.settings.num_clients} nodes connected")
             time.sleep(1.0)
-        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        node_of = {}
-        for reply in grid.send_and_receive(queries, timeout=self.settings.node_wait_s):
-            if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} did not answer: {reply.error.reason}")
-            node_of[int(reply.content["metrics"]["partition-id"])] = reply.metadata.src_node_id
+        node_of: dict[int, int] = {}
+        pending = list(nodes)
+        while pending:
+            queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in pending]
+            replies = list(grid.send_and_receive(queries, timeout=self.settings.node_wait_s))
+            errors = [reply.error.reason for reply in replies if reply.has_error()]
+            for reply in replies:
+                if not reply.has_error():
+                    node_of[int(reply.content["metrics"]["partition-id"])] = reply.metadata.src_node_id
+            pending = [n for n in pending if n not in node_of.values()]
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"nodes {pending} did not answer: {errors}")
+            if pending:
+                log(INFO, "waiting for node(s) %s to answer: %s", pending, errors)
+                time.sleep(2.0)
         if sorted(node_of) != list(range(self.settings.num_clients)):
             raise RuntimeError(
                 f"expected partitions 0..{self.settings.num_clients - 1}, got {sorted(node_of)}"
@@ -94,6 +106,44 @@ class FedSVDStrategy(FedAvg):
         nodes = self.sample(grid, server_round)
         return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 
+    def record_reply(self, server_round: int, partition: int, metrics, privacy_json) -> bool:
+        """Book one client's reply (round trained or refused, privacy report); return whether it trained."""
+        info = self.clients.setdefault(partition, {"rounds_trained": [], "rounds_refused": []})
+        if privacy_json is not None:
+            info["privacy"] = json.loads(privacy_json)
+        trained = bool(int(metrics["trained"]))
+        info["rounds_trained" if trained else "rounds_refused"].append(server_round)
+        return trained
+
+    def finish_round(
+        self,
+        server_round: int,
+        states: list[dict[str, torch.Tensor]],
+        counts: list[int],
+        names: list[str],
+        losses: list[float],
+        refused: list[int],
+        trained: Optional[int] = None,
+    ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        """Apply the arm's server step to ``states`` (weights ``counts``) and log the round; ``None`` when
+        no client trained. ``trained``: how many clients trained, when ``states`` is one secure aggregate."""
+        entry = self.round_log[server_round]
+        entry.update(
+            {"clients_trained": len(states) if trained is None else trained, "clients_refused": refused}
+        )
+        if not states:
+            log(
+                INFO,
+                "round %s: no client trained (privacy budgets spent); global state unchanged",
+                server_round,
+            )
+            return None, None
+        new_state = server_step(self.settings.arm)(self.global_state, states, counts, client_names=names)
+        self.global_state = new_state
+        mean_loss = sum(c * x for c, x in zip(counts, losses)) / sum(counts)
+        entry["train_loss"] = mean_loss
+        return ArrayRecord.from_torch_state_dict(new_state), MetricRecord({"train-loss": mean_loss})
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
@@ -108,11 +158,8 @@ class FedSVDStrategy(FedAvg):
             metrics = msg.content["metrics"]
             partition = int(metrics["partition-id"])
             name = f"client {partition} (node {msg.metadata.src_node_id})"
-            info = self.clients.setdefault(partition, {"rounds_trained": [], "rounds_refused": []})
-            if "privacy" in msg.content:
-                info["privacy"] = json.loads(msg.content["privacy"]["json"])
-            if not int(metrics["trained"]):
-                info["rounds_refused"].append(server_round)
+            privacy = msg.content["privacy"]["json"] if "privacy" in msg.content else None
+            if not self.record_reply(server_round, partition, metrics, privacy):
                 refused.append(partition)
                 continue
             sent = msg.content["arrays"].to_torch_state_dict()
@@ -129,27 +176,14 @@ class FedSVDStrategy(FedAvg):
             counts.append(int(metrics["num-examples"]))
             names.append(name)
             losses.append(float(metrics["train-loss"]))
-            info["rounds_trained"].append(server_round)
         if errors:
             raise RuntimeError(f"round {server_round}: client failures: {errors}")
-        entry = self.round_log[server_round]
-        entry.update({"clients_trained": len(states), "clients_refused": refused})
-        if not states:
-            log(
-                INFO,
-                "round %s: no client trained (privacy budgets spent); global state unchanged",
-                server_round,
-            )
-            return None, None
-        new_state = server_step(self.settings.arm)(self.global_state, states, counts, client_names=names)
-        self.global_state = new_state
-        mean_loss = sum(c * x for c, x in zip(counts, losses)) / sum(counts)
-        entry["train_loss"] = mean_loss
-        return ArrayRecord.from_torch_state_dict(new_state), MetricRecord({"train-loss": mean_loss})
+        return self.finish_round(server_round, states, counts, names, losses, refused)
 
 
-def run_server(grid: Grid, settings: FedSettings) -> dict[str, Any]:
-    """Run ``settings.rounds`` rounds on ``grid``, print per-round progress, write and return the report."""
+def run_server(grid: Grid, settings: FedSettings, context: Optional[Context] = None) -> dict[str, Any]:
+    """Run ``settings.rounds`` rounds on ``grid`` (SecAgg+ rounds with ``secure_aggregation``), print
+    per-round progress, write and return the report. ``context``: the ServerApp's (a secure run wraps it)."""
     model = cached_model(settings.spec)
     initial = initial_state(settings.spec)
     _, test_set = tokenized_splits(settings.n_train, settings.n_eval, settings.max_length, settings.seed)
@@ -202,7 +236,11 @@ def run_server(grid: Grid, settings: FedSettings) -> dict[str, Any]:
             f"checkpoint in {settings.checkpoint_dir} is after round {strategy.round_offset}, beyond rounds="
             f"{settings.rounds}"
         )
-    if remaining:
+    if remaining and settings.secure_aggregation:
+        from .secagg_server import run_secure_rounds
+
+        run_secure_rounds(grid, strategy, remaining, evaluate, context)
+    elif remaining:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord.from_torch_state_dict(initial),
@@ -250,7 +288,7 @@ def make_server_app(settings: Optional[FedSettings] = None) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, settings or FedSettings.from_mapping(context.run_config))
+        run_server(grid, settings or FedSettings.from_mapping(context.run_config), context)
 
     return server
 

@@ -11,6 +11,9 @@ from typing import Any, Optional
 from ..privacy import DPConfig
 from ..task import ARMS, AdapterSpec
 
+SECAGG_CLIPPING_RANGE = 8.0  # SecAgg+ clips each scaled update value to +-this (Flower's default)
+SECAGG_MIN_CLIENTS = 3  # with 2 clients in a round, each could subtract its own update from the sum
+
 
 @dataclass
 class FedSettings:
@@ -23,7 +26,8 @@ class FedSettings:
     client's node-local privacy ledger (SuperNodes started with ``--node-config "state-dir=<dir>"``): runs
     of one experiment share one budget, across restarts too. ``checkpoint_dir``: the server writes the
     global state after every round there and a new run with the same settings resumes after the last
-    finished round (:mod:`.checkpoint`).
+    finished round (:mod:`.checkpoint`). ``secure_aggregation``: SecAgg+ (:mod:`.secagg_server`); the server
+    learns only the weighted average of each round's updates; needs ``clients_per_round >= 3``.
     """
 
     arm: str = "fedsvd"
@@ -50,6 +54,7 @@ class FedSettings:
     seed: int = 0
     experiment_id: str = "fedsvd"
     checkpoint_dir: str = ""
+    secure_aggregation: bool = False
     report: str = ""
     node_wait_s: float = 120.0
     progress: bool = True
@@ -62,12 +67,22 @@ class FedSettings:
         for name in ("rounds", "local_steps", "batch_size", "r", "n_train", "n_eval", "max_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.secure_aggregation and self.clients_per_round < SECAGG_MIN_CLIENTS:
+            raise ValueError(
+                f"secure_aggregation needs clients_per_round >= {SECAGG_MIN_CLIENTS} (with 2, each client "
+                f"could read the other's update from the sum), got {self.clients_per_round}"
+            )
         if self.epsilon < 0:
             raise ValueError(f"epsilon must be >= 0 (0 = no DP), got {self.epsilon}")
 
     @property
     def spec(self) -> AdapterSpec:
         return AdapterSpec(self.arm, self.r, self.alpha, self.target_list, self.train_head, self.seed)
+
+    @property
+    def secagg_max_weight(self) -> float:
+        """SecAgg+ ``max_weight``; no client has more than ``n_train`` examples: ``n_i / max_weight <= 1``."""
+        return float(self.n_train)
 
     @property
     def target_list(self) -> tuple[str, ...]:
