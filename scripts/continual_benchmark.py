@@ -1,4 +1,4 @@
-"""Continual-learning benchmark: 4 real tasks in sequence, 3 orders, one shared output space, no task id.
+"""Continual-learning benchmark: 6 real tasks in sequence, 3 orders, one shared output space, no task id.
 
 Model: all-MiniLM-L6-v2 (SmolLM2 is too slow for ~50 task trainings on a 2-core CPU). The lower
 ``--cached-layers`` encoder layers stay frozen and unadapted, so their outputs are computed once per text
@@ -10,12 +10,14 @@ example's candidates (the label words for classification tasks, the example's op
 choice). No task-specific head, no task id.
 
 Arms: sequential LoRA (PEFT LoRA trained task after task), O-LoRA (``OrthoLoraConfig(mode="olora")``, its
-penalty in the loss), subspace (``OrthoLoraConfig(mode="subspace")``), PEFT ``osf`` (re-applied on the merged
-weights for each task, ``merge_and_unload`` between tasks; preserved rank grows per task) and multitask LoRA
-(all tasks' data at once: the upper reference, AA only).
+penalty in the loss), subspace (``OrthoLoraConfig(mode="subspace")``), gradient and scaled (the modes of the
+same names: ``A`` from the new task's loss gradient in the exact complement, or in SGP's scaled complement),
+PEFT ``osf`` (re-applied on the merged weights for each task, ``merge_and_unload`` between tasks; preserved
+rank grows per task) and multitask LoRA (all tasks' data at once: the upper reference, AA only).
 
 Metrics, with ``R[t][i]`` the test accuracy on task ``i`` after training task ``t`` (T tasks):
-AA = mean_i R[T-1][i]; BWT = mean_{i < T-1} (R[T-1][i] - R[i][i]) (Lopez-Paz & Ranzato, 2017).
+AA = mean_i R[T-1][i]; BWT = mean_{i < T-1} (R[T-1][i] - R[i][i]) (Lopez-Paz & Ranzato, 2017); plasticity =
+mean_i R[i][i]. ``--jobs N`` runs independent (arm, seed) runs and tuning runs in N forked processes.
 
     OMP_NUM_THREADS=1 python scripts/continual_benchmark.py --output-dir outputs/continual
 """
@@ -42,13 +44,16 @@ from ortho_adapters.continual import end_task, olora_penalty, start_task
 from ortho_adapters.data import load_minilm, load_rotten_tomatoes
 from ortho_adapters.tasks import load_task as load_task_table
 
-TASKS = ("rotten_tomatoes", "sarcasm", "corr2cause", "social_iqa")
+# every source of ortho_adapters.tasks that MiniLM learns above chance in one epoch, plus Rotten Tomatoes
+# (logiqa and arithmetic stay at chance: see docs/continual.md, "Round two")
+TASKS = ("rotten_tomatoes", "sarcasm", "corr2cause", "social_iqa", "event_categories", "quartz")
 ORDERS = (
-    (0, 1, 2, 3),
-    (3, 2, 1, 0),
-    (1, 3, 0, 2),
+    (0, 1, 2, 3, 4, 5),
+    (5, 4, 3, 2, 1, 0),
+    (2, 5, 0, 3, 1, 4),
 )
-ARMS = ("seq_lora", "olora", "subspace", "osf", "multitask_lora")
+ORTHO_ARMS = ("olora", "subspace", "gradient", "scaled")  # OrthoLoraConfig modes
+ARMS = ("seq_lora", "olora", "subspace", "gradient", "scaled", "osf", "multitask_lora")
 # every linear layer of the adapted blocks whose input is the 384-dim hidden state (not the FFN's 1536->384
 # output projection: its 1536 x 1536 eigendecompositions would dominate the subspace arm's CPU time)
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
@@ -207,73 +212,141 @@ def stats_batches(lower: FrozenLower, examples: list[Example], n: int, batch_siz
 
 
 # ---------------------------------------------------------------------------------------------- arms
+def grad_batches(examples: list[Example], n: int, batch_size: int) -> list[list[Example]]:
+    """Chunks of a task's first ``n`` training examples: the gradient pass's batches at ``start_task``."""
+    chosen = examples[:n]
+    return [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
+
+
+def task_loss(lower: FrozenLower, temperature: float):
+    """``loss_fn(model, chunk)`` of the shared answer space: cross-entropy over each example's candidates."""
+
+    def loss_fn(model: nn.Module, chunk: list[Example]) -> torch.Tensor:
+        logits = scores(model, lower, chunk, temperature)
+        return F.cross_entropy(logits, torch.tensor([ex.answer for ex in chunk]))
+
+    return loss_fn
+
+
 def run_sequence(arm: str, order: tuple[int, ...], top: TopEncoder, lower: FrozenLower, data, args,
-                 seed: int, lr: float, split: str = "test") -> list[list[float]]:  # fmt: skip
+                 seed: int, lr: float, split: str = "test",
+                 info: dict | None = None) -> list[list[float]]:  # fmt: skip
     """Train ``arm`` on the tasks in ``order``; ``R[t][i]``: accuracy on ``split`` of task ``order[i]`` after
-    step t."""
+    step t. ``info`` (optional) receives ``trainable``: the trainable values of each task's training."""
     names = [TASKS[k] for k in order]
     torch.manual_seed(seed)  # PEFT LoRA's A init draws from the global RNG: every arm and order reproducible
     model: nn.Module = copy.deepcopy(top)
     if arm == "seq_lora":
         model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=TARGETS))
-    elif arm in ("olora", "subspace"):
+    elif arm in ORTHO_ARMS:
         cfg = OrthoLoraConfig(
-            mode=arm, r=args.r, alpha=args.alpha, target_modules=TARGETS, energy=args.energy, l1=args.l1
+            mode=arm,
+            r=args.r,
+            alpha=args.alpha,
+            target_modules=TARGETS,
+            energy=args.energy_scaled if arm == "scaled" and args.energy_scaled else args.energy,
+            l1=args.l1,
+            sgp_scale=args.sgp_scale,
+            room_share={"subspace": args.room_share_subspace, "scaled": args.room_share_scaled}.get(
+                arm, args.room_share
+            ),
         )
         model = get_peft_model(model, cfg)
     R: list[list[float]] = []
+    trainable: list[int] = []
     for t, name in enumerate(names):
         train_ex = data[name]["train"]
         penalty = None
         if arm == "osf":
-            rank = args.osf_rank_step * t  # preserved (frozen) share of each weight's spectrum grows per task
+            step = args.osf_rank_step if args.osf_rank_step is not None else 1.0 / len(names)
+            rank = step * t  # preserved (frozen) share of each weight's spectrum grows per task
             model = get_peft_model(model, OSFConfig(target_modules=TARGETS, effective_rank=rank or 1))
         elif arm == "subspace":
             start_data = stats_batches(lower, train_ex, args.stats_examples, args.batch_size)
             start_task(model, name, start_data if args.subspace_a == "data" else None)
+        elif arm in ("gradient", "scaled"):
+            batches = grad_batches(train_ex, args.stats_examples, args.batch_size)
+            start_task(model, name, batches, loss_fn=task_loss(lower, args.temperature))
         elif arm == "olora":
             start_task(model, name)
             penalty = olora_penalty
+        trainable.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
         train(model, lower, train_ex, args, lr, seed + t, penalty, desc=f"{arm} {t + 1}/{len(names)} {name}")
         if arm == "osf":
             model = model.merge_and_unload()
-        elif arm == "subspace":
+        elif arm in ("subspace", "gradient", "scaled"):
             ks = end_task(model, stats_batches(lower, train_ex, args.stats_examples, args.batch_size))
             print(
-                f"    subspace basis dims after {name}: min {min(ks.values())}, max {max(ks.values())}",
+                f"    {arm} basis dims after {name}: min {min(ks.values())}, max {max(ks.values())}",
                 flush=True,
             )
         elif arm == "olora":
             end_task(model)
         R.append([accuracy(model, lower, data[n][split], args) for n in names[: t + 1]])
         print(f"  {arm} order={order} after {name}: {[round(a, 3) for a in R[-1]]}", flush=True)
+    if info is not None:
+        info["trainable"] = trainable
     return R
 
 
-def run_multitask(top: TopEncoder, lower: FrozenLower, data, args, seed: int, lr: float) -> list[float]:
+def run_multitask(top: TopEncoder, lower: FrozenLower, data, args, seed: int, lr: float,
+                  info: dict | None = None) -> list[float]:  # fmt: skip
     """Multitask LoRA (all tasks' training data at once) at sequential LoRA's learning rate."""
     torch.manual_seed(seed)
     model = get_peft_model(
         copy.deepcopy(top), LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=TARGETS)
     )
     union = [ex for name in TASKS[: args.n_tasks] for ex in data[name]["train"]]
+    if info is not None:
+        info["trainable"] = [sum(p.numel() for p in model.parameters() if p.requires_grad)]
     train(model, lower, union, args, lr, seed, desc="multitask_lora")
     return [accuracy(model, lower, data[name]["test"], args) for name in TASKS[: args.n_tasks]]
+
+
+# The prepared data of every seed, set before the worker processes fork (they read it, never pickle it).
+_STATE: dict = {}
+
+
+def _pool_map(fn, jobs: list, n_jobs: int):
+    """``(job, fn(job))`` for every job, in forked worker processes when ``n_jobs > 1`` (as they finish)."""
+    if n_jobs <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield job, fn(job)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(min(n_jobs, len(jobs)), maxtasksperchild=1) as pool:
+        yield from zip(jobs, pool.imap(fn, jobs))
+
+
+def _tune_job(job: tuple[str, float]) -> dict:
+    arm, lr = job
+    args = _STATE["args"]
+    data, lower, top = _STATE["prepared"][args.seeds[0]]
+    t0 = time.time()
+    R = run_sequence(arm, args.orders[0], top, lower, data, args, args.seeds[0] + 7, lr, split="val")
+    aa, bwt = aa_bwt(R)
+    plast = sum(R[i][i] for i in range(len(R))) / len(R)
+    print(f"  tune {arm} lr={lr:g}: validation AA {aa:.3f} BWT {bwt:+.3f} plasticity {plast:.3f}", flush=True)
+    return {"AA": aa, "BWT": bwt, "plasticity": plast, "R": R, "seconds": time.time() - t0}
 
 
 def tune_lrs(lrs: dict[str, float], top: TopEncoder, lower: FrozenLower, data, args) -> dict:
     """Per sequential arm, the learning rate of its grid with the best validation AA on the first order.
 
-    Updates ``lrs`` in place; returns ``{arm: {lr: validation AA}}``. Test data is never used here.
+    Updates ``lrs`` in place; returns ``{arm: {lr: validation AA}}`` (``args.tuning_detail`` gets BWT,
+    plasticity and ``R`` of each run too). Test data is never used here.
     """
     grids = {arm: args.lr_grid_osf if arm == "osf" else args.lr_grid for arm in lrs}
-    found: dict = {}
-    for arm in [a for a in args.arms if a in lrs]:
-        found[arm] = {}
-        for lr in grids[arm]:
-            R = run_sequence(arm, args.orders[0], top, lower, data, args, args.seeds[0] + 7, lr, split="val")
-            found[arm][lr] = aa_bwt(R)[0]
-            print(f"  tune {arm} lr={lr:g}: validation AA {found[arm][lr]:.3f}", flush=True)
+    _STATE.setdefault("prepared", {})[args.seeds[0]] = (data, lower, top)
+    _STATE["args"] = args
+    jobs = [(arm, lr) for arm in args.arms if arm in lrs for lr in grids[arm]]
+    found: dict = {arm: {} for arm, _ in jobs}
+    args.tuning_detail = {arm: {} for arm, _ in jobs}
+    for (arm, lr), res in _pool_map(_tune_job, jobs, args.jobs):
+        found[arm][lr] = res["AA"]
+        args.tuning_detail[arm][str(lr)] = res
+    for arm in found:
         lrs[arm] = max(found[arm], key=found[arm].get)
     return found
 
@@ -298,7 +371,7 @@ def write_table(results: dict, args, path: Path, wall: float) -> str:
             cells = " | ".join(f"{r['AA']:.3f} / n/a" for r in runs)
             lines.append(f"| {arm} (upper reference) | {cells} | {results[arm]['mean_AA']:.3f} | n/a |")
             continue
-        cells = " | ".join(f"{r['AA']:.3f} / {r['BWT']:+.3f}" for r in runs)
+        cells = " | ".join(f"{r['AA']:.3f} / {r['BWT']:+.3f}" for r in runs)  # each: mean over the orders
         lines.append(f"| {arm} | {cells} | {results[arm]['mean_AA']:.3f} | {results[arm]['mean_BWT']:+.3f} |")
     tasks = ", ".join(TASKS[: args.n_tasks])
     tuned = (
@@ -315,9 +388,45 @@ def write_table(results: dict, args, path: Path, wall: float) -> str:
         "per task, "
         f"max length {args.max_length}, {args.epochs} epoch(s), batch {args.batch_size}, r={args.r}, "
         f"alpha={args.alpha}, lr {results['lr']} ({tuned}), subspace A from {args.subspace_a}, energy "
-        f"{args.energy}, l1 {args.l1}. Wall time {wall / 60:.1f} min.\n"
+        f"{args.energy}, scaled-mode energy {args.energy_scaled or args.energy}, sgp_scale {args.sgp_scale}, "
+        f"room_share {args.room_share} (gradient), {args.room_share_scaled} (scaled) and "
+        f"{args.room_share_subspace} (subspace), "
+        f"l1 {args.l1}, {args.jobs} worker process(es). Wall time {wall / 60:.1f} min.\n"
     )
-    text = "\n".join(lines) + "\n" + note
+    summary = [
+        "",
+        f"Means over the {len(seeds) * len(args.orders)} (seed, order) runs; plasticity = mean R[i][i]; "
+        "trainable values: the most any task trains at once; minutes: the arm's own run time summed over "
+        "seeds (runs in parallel processes overlap).",
+        "",
+        "| arm | mean AA | mean BWT | plasticity | trainable values | minutes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in args.arms:
+        r = results[arm]
+        if arm == "multitask_lora":
+            summary.append(
+                f"| {arm} (upper reference) | {r['mean_AA']:.3f} | n/a | n/a | {r['trainable']:,} | "
+                f"{r['seconds'] / 60:.1f} |"
+            )
+            continue
+        summary.append(
+            f"| {arm} | {r['mean_AA']:.3f} | {r['mean_BWT']:+.3f} | {r['plasticity']:.3f} | "
+            f"{r['trainable']:,} | {r['seconds'] / 60:.1f} |"
+        )
+    seq = [a for a in args.arms if a != "multitask_lora"]
+    T = len(args.orders[0])
+    position = [
+        "",
+        "Plasticity by position in the order (mean R[i][i] over the runs):",
+        "",
+        "| arm | " + " | ".join(f"task {i + 1}" for i in range(T)) + " |",
+        "|---|" + "---|" * T,
+    ]
+    for arm in seq:
+        cells = " | ".join(f"{v:.3f}" for v in results[arm]["plasticity_by_position"])
+        position.append(f"| {arm} | {cells} |")
+    text = "\n".join(lines) + "\n" + note + "\n".join(summary) + "\n" + "\n".join(position) + "\n"
     path.write_text(text)
     return text
 
@@ -352,6 +461,27 @@ def plot(results: dict, args, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_positions(results: dict, args, path: Path) -> None:
+    """Mean ``R[i][i]`` by position in the order, one line per sequential arm, with AA in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for arm in [a for a in args.arms if a != "multitask_lora"]:
+        r = results[arm]
+        xs = range(1, len(r["plasticity_by_position"]) + 1)
+        ax.plot(xs, r["plasticity_by_position"], marker="o", label=f"{arm} (AA {r['mean_AA']:.3f})")
+    ax.set_xticks(range(1, len(args.orders[0]) + 1))
+    ax.set_xlabel("position of the task in the order")
+    ax.set_ylabel("mean accuracy right after learning it")
+    ax.set_title(f"plasticity by position, mean over {len(args.seeds) * len(args.orders)} runs", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -378,9 +508,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="sequential / multitask LoRA and O-LoRA")
     p.add_argument("--lr-olora", type=float, default=None, help="O-LoRA (default: --lr)")
     p.add_argument("--lr-subspace", type=float, default=2e-3)
+    p.add_argument("--lr-gradient", type=float, default=None, help="gradient mode (default: --lr-subspace)")
+    p.add_argument("--lr-scaled", type=float, default=None, help="scaled mode (default: --lr-subspace)")
     p.add_argument("--lr-osf", type=float, default=1e-4)
-    p.add_argument("--osf-rank-step", type=float, default=0.2, help="preserved rank share added per task")
+    p.add_argument(
+        "--osf-rank-step",
+        type=float,
+        default=None,
+        help="preserved rank share added per task (default 1 / number of tasks)",
+    )
     p.add_argument("--energy", type=float, nargs="+", default=[0.99])
+    p.add_argument("--energy-scaled", type=float, nargs="+", default=None, help="scaled mode (else --energy)")
+    p.add_argument("--sgp-scale", type=float, default=10.0, help="SGP's importance scale a (scaled mode)")
+    p.add_argument("--room-share", type=float, default=1.0, help="room_share of the gradient arm")
+    p.add_argument("--room-share-scaled", type=float, default=1.0, help="room_share of the scaled arm")
+    p.add_argument("--room-share-subspace", type=float, default=1.0, help="room_share of the subspace arm")
+    p.add_argument(
+        "--lrs-from",
+        nargs="+",
+        default=None,
+        help="results.json files of --tune-only runs (same data and validation split): take their chosen lrs "
+        "and tuning tables instead of tuning again (a later file wins for an arm both tuned)",
+    )
     p.add_argument(
         "--subspace-a",
         choices=["data", "random"],
@@ -393,11 +542,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--n-orders", type=int, default=3)
-    p.add_argument("--n-tasks", type=int, default=4)
+    p.add_argument("--n-tasks", type=int, default=len(TASKS))
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="data draws and inits (tune: first)"
     )
+    p.add_argument("--jobs", type=int, default=1, help="forked worker processes for independent runs")
+    p.add_argument("--tune-only", action="store_true", help="stop after the validation tuning")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from OUTPUT_DIR/results.json")
     args = p.parse_args(argv)
@@ -428,18 +579,57 @@ def prepare(bert, tok, args, seed: int) -> tuple[dict, FrozenLower, TopEncoder]:
 def run_arm(arm: str, top: TopEncoder, lower: FrozenLower, data, args, seed: int, lrs: dict) -> dict:
     """One arm on one data draw: every order's ``R``, AA and BWT (multitask: its per-task accuracies)."""
     if arm == "multitask_lora":
-        accs = run_multitask(top, lower, data, args, seed, lrs["seq_lora"])
-        return {"accuracy": accs, "AA": sum(accs) / len(accs)}
+        info: dict = {}
+        accs = run_multitask(top, lower, data, args, seed, lrs["seq_lora"], info)
+        return {"accuracy": accs, "AA": sum(accs) / len(accs), "trainable": info["trainable"]}
     per = []
     for k, order in enumerate(args.orders):
-        R = run_sequence(arm, order, top, lower, data, args, seed + 100 * k, lrs[arm])
+        info = {}
+        R = run_sequence(arm, order, top, lower, data, args, seed + 100 * k, lrs[arm], info=info)
         aa, bwt = aa_bwt(R)
-        per.append({"order": [TASKS[i] for i in order], "R": R, "AA": aa, "BWT": bwt})
+        per.append({"order": [TASKS[i] for i in order], "R": R, "AA": aa, "BWT": bwt, **info})
     return {
         "orders": per,
         "AA": sum(o["AA"] for o in per) / len(per),
         "BWT": sum(o["BWT"] for o in per) / len(per),
     }
+
+
+def _arm_job(job: tuple[int, str]) -> dict:
+    seed, arm = job
+    data, lower, top = _STATE["prepared"][seed]
+    t0 = time.time()
+    out = run_arm(arm, top, lower, data, _STATE["args"], seed, _STATE["lrs"])
+    out["seconds"] = time.time() - t0
+    print(f"seed {seed}: {arm} done in {out['seconds']:.0f} s", flush=True)
+    return out
+
+
+def summarize(results: dict, args) -> None:
+    """Means over every seed and order: AA, BWT, plasticity, trainable values per task, wall time, and the
+    mean ``R[i][i]`` by position ``i`` in the order."""
+    for arm in args.arms:
+        runs = [results["seeds"][str(s)][arm] for s in args.seeds]
+        seconds = sum(r["seconds"] for r in runs)
+        if arm == "multitask_lora":
+            results[arm] = {
+                "mean_AA": sum(r["AA"] for r in runs) / len(runs),
+                "trainable": max(v for r in runs for v in r["trainable"]),
+                "seconds": seconds,
+            }
+            continue
+        cells = [o for r in runs for o in r["orders"]]
+        T = len(cells[0]["R"])
+        position = [sum(o["R"][i][i] for o in cells) / len(cells) for i in range(T)]
+        results[arm] = {
+            "mean_AA": sum(o["AA"] for o in cells) / len(cells),
+            "mean_BWT": sum(o["BWT"] for o in cells) / len(cells),
+            "plasticity": sum(position) / T,
+            "plasticity_by_position": position,
+            "trainable": max(v for o in cells for v in o["trainable"]),
+            "seconds": seconds,
+            "runs": len(cells),
+        }
 
 
 def main(argv=None) -> dict:
@@ -451,6 +641,8 @@ def main(argv=None) -> dict:
         plot(results, args, out / "per_task_accuracy.png")
         return results
     start = time.time()
+    if args.jobs > 1:  # one thread per process: a forked worker must not inherit a busy OpenMP pool
+        torch.set_num_threads(1)
     bert, tok = load_minilm()
     bert.eval()
     results: dict = {"args": {k: v for k, v in vars(args).items()}, "seeds": {}}
@@ -458,41 +650,53 @@ def main(argv=None) -> dict:
         "seq_lora": args.lr,
         "olora": args.lr_olora or args.lr,
         "subspace": args.lr_subspace,
+        "gradient": args.lr_gradient or args.lr_subspace,
+        "scaled": args.lr_scaled or args.lr_subspace,
         "osf": args.lr_osf,
     }
-    for i, seed in enumerate(args.seeds):
-        data, lower, top = prepare(bert, tok, args, seed)
+    prepared = _STATE.setdefault("prepared", {})
+    prepared.clear()
+    _STATE["args"] = args
+    seeds = args.seeds[:1] if args.tune_only else args.seeds
+    for seed in seeds:
+        data, lower, top = prepared[seed] = prepare(bert, tok, args, seed)
         zero_shot = {n: accuracy(top, lower, data[n]["test"], args) for n in data}
+        results["seeds"][str(seed)] = {"zero_shot": zero_shot}
         print(f"seed {seed}: data ready at {time.time() - start:.0f} s; zero-shot {zero_shot}", flush=True)
-        if i == 0:
-            if args.tune:  # validation split of the first seed's draw only
-                results["tuning"] = tune_lrs(lrs, top, lower, data, args)
-                print(f"chosen on validation: {lrs}", flush=True)
-            results["lr"] = dict(lrs)
-        per_seed = results["seeds"][str(seed)] = {"zero_shot": zero_shot}
-        for arm in args.arms:
-            t0 = time.time()
-            per_seed[arm] = run_arm(arm, top, lower, data, args, seed, lrs)
-            per_seed[arm]["seconds"] = time.time() - t0
-            print(f"seed {seed}: {arm} done in {time.time() - t0:.0f} s", flush=True)
-            (out / "results.json").write_text(json.dumps(results, indent=1))
-    for arm in args.arms:  # means over every seed and order
-        runs = [results["seeds"][str(s)][arm] for s in args.seeds]
-        if arm == "multitask_lora":
-            results[arm] = {"mean_AA": sum(r["AA"] for r in runs) / len(runs)}
-            continue
-        cells = [o for r in runs for o in r["orders"]]
-        results[arm] = {
-            "mean_AA": sum(o["AA"] for o in cells) / len(cells),
-            "mean_BWT": sum(o["BWT"] for o in cells) / len(cells),
-            "runs": len(cells),
-        }
+    if args.lrs_from:  # chosen earlier by a --tune-only run on the same validation split
+        results["tuning"], results["tuning_detail"] = {}, {}
+        for path in args.lrs_from:
+            earlier = json.loads(Path(path).read_text())
+            for arm in [a for a in args.arms if a in lrs and a in earlier.get("tuning", {})]:
+                lrs[arm] = earlier["lr"][arm]
+                results["tuning"][arm] = earlier["tuning"][arm]
+                results["tuning_detail"][arm] = earlier.get("tuning_detail", {}).get(arm)
+        results["lrs_from"] = args.lrs_from
+        print(f"chosen on validation (from {args.lrs_from}): {lrs}", flush=True)
+    elif args.tune:  # validation split of the first seed's draw only
+        data, lower, top = prepared[args.seeds[0]]
+        results["tuning"] = tune_lrs(lrs, top, lower, data, args)
+        results["tuning_detail"] = args.tuning_detail
+        results["tuning_seconds"] = time.time() - start
+        print(f"chosen on validation: {lrs}", flush=True)
+    results["lr"] = dict(lrs)
+    results["args"] = {k: v for k, v in vars(args).items() if k != "tuning_detail"}
+    if args.tune_only:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        return results
+    _STATE["lrs"] = lrs
+    jobs = [(seed, arm) for seed in args.seeds for arm in args.arms]
+    for (seed, arm), res in _pool_map(_arm_job, jobs, args.jobs):
+        results["seeds"][str(seed)][arm] = res
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    summarize(results, args)
     wall = time.time() - start
     results["wall_seconds"] = wall
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(write_table(results, args, out / "results.md", wall))
     if any(a != "multitask_lora" for a in args.arms):
         plot(results, args, out / "per_task_accuracy.png")
+        plot_positions(results, args, out / "plasticity_by_position.png")
     return results
 
 

@@ -20,9 +20,9 @@ def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
     out = tmp_path / "c"
     argv = ["--output-dir", str(out), "--n-train", "16", "--n-val", "8", "--n-test", "8", "--n-tasks", "2"]
     argv += ["--n-orders", "2", "--epochs", "1", "--lr-grid", "1e-3", "3e-3", "--lr-grid-osf", "1e-4"]
-    argv += ["--stats-examples", "8", "--seeds", "0", "1", "--no-progress"]
+    argv += ["--stats-examples", "8", "--seeds", "0", "1", "--no-progress", "--jobs", "2"]
     results = bench.main(argv)
-    cells = {arm: [] for arm in ("seq_lora", "olora", "subspace", "osf")}
+    cells = {arm: [] for arm in ("seq_lora", "olora", "subspace", "gradient", "scaled", "osf")}
     for arm, found in cells.items():
         # validation tuning: every sequential arm tried its grid, and the chosen lr is the grid's best
         grid = results["tuning"][arm]
@@ -33,14 +33,31 @@ def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
                 assert [len(row) for row in R] == [1, 2]
                 assert order["AA"] == pytest.approx((R[1][0] + R[1][1]) / 2)
                 assert order["BWT"] == pytest.approx(R[1][0] - R[0][0])
-                found.append(order["AA"])
-        assert results[arm]["mean_AA"] == pytest.approx(sum(found) / 4) and results[arm]["runs"] == 4
+                found.append(order)
+        assert results[arm]["mean_AA"] == pytest.approx(sum(o["AA"] for o in found) / 4)
+        assert results[arm]["runs"] == 4
+        by_position = [sum(o["R"][i][i] for o in found) / 4 for i in range(2)]
+        assert results[arm]["plasticity_by_position"] == pytest.approx(by_position)
+        assert results[arm]["plasticity"] == pytest.approx(sum(by_position) / 2)
+        assert results[arm]["trainable"] == max(v for o in found for v in o["trainable"]) > 0
+    # the new modes train B only: fewer values than LoRA (A and B) and far fewer than osf
+    trained = {arm: results[arm]["trainable"] for arm in ("scaled", "gradient", "seq_lora")}
+    assert trained["scaled"] == trained["gradient"] < trained["seq_lora"]
+    assert results["osf"]["trainable"] > 10 * results["seq_lora"]["trainable"]
     assert len(results["seeds"]["1"]["multitask_lora"]["accuracy"]) == 2
     # the seeds draw different data: zero-shot accuracies on the two test draws are not all equal
     assert results["seeds"]["0"]["zero_shot"] != results["seeds"]["1"]["zero_shot"]
     assert (out / "results.md").read_text().startswith("| arm | seed 0 AA / BWT | seed 1 AA / BWT |")
     assert json.loads((out / "results.json").read_text())["lr"] == results["lr"]
     assert (out / "per_task_accuracy.png").stat().st_size > 0
+    assert (out / "plasticity_by_position.png").stat().st_size > 0
+    header = "| arm | mean AA | mean BWT | plasticity | trainable values | minutes |"
+    assert header in (out / "results.md").read_text()
+    # a later run can take the lrs chosen on validation from this one instead of tuning again
+    again = bench.main([*argv, "--output-dir", str(tmp_path / "d"), "--lrs-from", str(out / "results.json"),
+                        "--arms", "scaled", "--seeds", "0"])  # fmt: skip
+    assert again["lr"]["scaled"] == results["lr"]["scaled"]
+    assert again["tuning"]["scaled"] == {str(k): v for k, v in results["tuning"]["scaled"].items()}
 
 
 def test_splits_are_disjoint_and_test_does_not_depend_on_validation_size():

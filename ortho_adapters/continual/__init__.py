@@ -1,8 +1,10 @@
 """Orthogonal continual LoRA: learn a sequence of tasks in one adapter without forgetting.
 
-Two modes (see :class:`OrthoLoraConfig`): ``"subspace"`` (GPM / InfLoRA-style: each task's frozen ``A``
-lies in the orthogonal complement of the earlier tasks' input bases, only ``B`` trains) and ``"olora"``
-(O-LoRA, arXiv 2310.14152: per-task LoRA with an orthogonality penalty). The lifecycle is
+Four modes (see :class:`OrthoLoraConfig`): ``"subspace"`` (GPM / InfLoRA-style: each task's frozen ``A``
+lies in the orthogonal complement of the earlier tasks' input bases, only ``B`` trains), ``"gradient"`` (the
+same guarantee, ``A`` from the new task's loss gradient in that complement), ``"scaled"`` (SGP-style: each
+basis direction is damped by ``1 - lambda_i``, its importance) and ``"olora"`` (O-LoRA, arXiv 2310.14152:
+per-task LoRA with an orthogonality penalty). The lifecycle is
 ``start_task(model, name)`` -> train -> ``end_task(model, dataloader)``; inference sums every task's update.
 """
 

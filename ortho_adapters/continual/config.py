@@ -1,14 +1,18 @@
-"""Configuration of orthogonal continual LoRA: O-LoRA (Wang et al., 2023, arXiv 2310.14152) and an
-SVD-subspace variant in the style of GPM (Saha et al., 2021) / InfLoRA (Liang & Li, CVPR 2024)."""
+"""Configuration of orthogonal continual LoRA: O-LoRA (Wang et al., 2023, arXiv 2310.14152), an
+SVD-subspace variant in the style of GPM (Saha et al., 2021) / InfLoRA (Liang & Li, CVPR 2024), its variant
+with ``A`` chosen from the new task's gradient, and a scaled projection after SGP (Saha & Roy, AAAI 2023)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Union
 
 from ..core.config import OrthoAdapterConfig
 
-MODES = ("subspace", "olora")
+MODES = ("subspace", "olora", "gradient", "scaled")
+# modes whose current A is a frozen buffer chosen by the lifecycle (only B trains) and which keep a basis M
+STRUCTURAL_MODES = ("subspace", "gradient", "scaled")
 
 
 @dataclass
@@ -18,6 +22,15 @@ class OrthoLoraConfig(OrthoAdapterConfig):
     ``mode="subspace"`` (default): task ``t``'s ``A_t`` (r x n, orthonormal rows) is frozen and lies in the
     orthogonal complement of ``M``, the union of earlier tasks' input bases (each keeps ``energy`` of its
     task's input spectrum); only ``B_t`` (zero init) trains, so ``dW_t M = 0`` holds under any optimizer.
+    ``mode="gradient"``: as ``subspace`` (same basis, same exact guarantee ``dW_t M = 0``), but ``A_t`` is the
+    top-r right singular vectors of ``G Q``, with ``G = dL/dW`` the new task's loss gradient at the task's
+    start and ``Q`` an orthonormal basis of the complement of ``M``: the frozen ``A`` along which ``B``'s
+    first steps reduce the loss fastest (InfLoRA's "A from the gradient" idea).
+    ``mode="scaled"``: SGP-style soft protection. Each basis direction ``u_i`` carries an importance
+    ``lambda_i`` in [0, 1] (``sgp_scale`` below); ``A_t = V^T P`` with ``P = I - M diag(lambda) M^T`` and
+    ``V^T`` (frozen, orthonormal) the top-r right singular vectors of ``G P``, so ``dW_t u_i = (1 - lambda_i)
+    s B_t V^T u_i`` under any optimizer: a change along ``u_i`` is damped by exactly ``1 - lambda_i``
+    (``lambda_i = 1``: blocked, as in ``subspace``).
     ``mode="olora"``: ``A_t`` (kaiming) and ``B_t`` (zero) train; the loss gets
     ``l1 * sum |A_old A_t^T| + l2 * (||A_t||_F + ||B_t||_F)`` (see :mod:`ortho_adapters.continual.penalty`).
 
@@ -26,7 +39,7 @@ class OrthoLoraConfig(OrthoAdapterConfig):
     task factors to create before PEFT loads the saved tensors.
 
     Args:
-        mode: ``"subspace"`` or ``"olora"``.
+        mode: ``"subspace"``, ``"gradient"``, ``"scaled"`` or ``"olora"``.
         r: rank per task.
         alpha: scaling numerator, ``s = alpha / r``.
         energy: share of each task's input-covariance spectrum its basis keeps (subspace mode). A float is
@@ -34,6 +47,15 @@ class OrthoLoraConfig(OrthoAdapterConfig):
             task, GPM / InfLoRA style). Default 0.99: the uncentred input covariance of transformer hidden
             states is dominated by one common direction, so 0.95 can keep a 1-dimensional basis (measured on
             MiniLM) and leave a task's discriminative directions unprotected.
+        room_share: per-layer room rule of the structural modes, in (0, 1]: one task's ``end_task`` adds at
+            most ``floor(room_share * (n - k))`` directions to a layer's basis (``n - k``: the dimensions
+            still free there), whatever ``energy`` asks for. 1.0 (default): no cap (GPM). Below 1 every layer
+            keeps room for later tasks, and a layer with little room left protects less of each new task.
+        sgp_scale: SGP's scale ``a > 0`` (scaled mode). A task whose input covariance has eigenvalue
+            ``e_max = s_max^2`` gives basis direction ``u_i`` (task energy ``e_i = u_i^T C u_i = s_i^2``) the
+            importance ``a e_i / ((a - 1) e_i + e_max)``; ``lambda_i`` is the largest importance any finished
+            task gave it. ``a -> inf`` approaches ``subspace`` (every basis direction blocked); ``a = 1``
+            gives ``e_i / e_max``.
         l1: weight of O-LoRA's orthogonality penalty ``sum |A_old A_t^T|`` (olora mode).
         l2: weight of the norm penalty on the current task's factors (olora mode).
         init_seed: seed of the random parts (subspace ``A`` without data, olora kaiming ``A``), mixed with the
@@ -51,6 +73,10 @@ class OrthoLoraConfig(OrthoAdapterConfig):
         default_factory=lambda: [0.99],
         metadata={"help": "Spectrum share each task's input basis keeps; a list rises per task."},
     )
+    room_share: float = field(
+        default=1.0, metadata={"help": "Most of a layer's free input dimensions one task's basis takes."}
+    )
+    sgp_scale: float = field(default=10.0, metadata={"help": "SGP's importance scale a > 0 (scaled mode)."})
     l1: float = field(default=0.5, metadata={"help": "O-LoRA orthogonality penalty weight."})
     l2: float = field(default=0.0, metadata={"help": "O-LoRA norm penalty weight."})
     init_seed: int = field(default=0, metadata={"help": "Seed of the random initializations."})
@@ -70,6 +96,19 @@ class OrthoLoraConfig(OrthoAdapterConfig):
             )
         if isinstance(self.energy, tuple):
             self.energy = list(self.energy)
+        if (
+            isinstance(self.room_share, bool)
+            or not isinstance(self.room_share, (int, float))
+            or not 0.0 < self.room_share <= 1.0
+        ):
+            raise ValueError(f"OrthoLoraConfig.room_share must be in (0, 1], got {self.room_share!r}")
+        if (
+            isinstance(self.sgp_scale, bool)
+            or not isinstance(self.sgp_scale, (int, float))
+            or not math.isfinite(self.sgp_scale)
+            or self.sgp_scale <= 0
+        ):
+            raise ValueError(f"OrthoLoraConfig.sgp_scale must be a finite number > 0, got {self.sgp_scale!r}")
         if self.l1 < 0 or self.l2 < 0:
             raise ValueError(f"OrthoLoraConfig.l1 and l2 must be >= 0, got {self.l1}, {self.l2}")
         if not isinstance(self.init_seed, int) or isinstance(self.init_seed, bool):
@@ -86,6 +125,11 @@ class OrthoLoraConfig(OrthoAdapterConfig):
         if isinstance(self.energy, (list, tuple)):
             return float(self.energy[min(index, len(self.energy) - 1)])
         return float(self.energy)
+
+    @property
+    def structural(self) -> bool:
+        """Whether the current ``A`` is a frozen buffer chosen by the lifecycle and a basis ``M`` is kept."""
+        return self.mode in STRUCTURAL_MODES
 
     @property
     def num_old_tasks(self) -> int:

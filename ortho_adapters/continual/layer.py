@@ -4,11 +4,14 @@ Per adapter the layer keeps the current task's factors and the earlier tasks' fa
 
 * ``ortho_lora_B`` (ModuleDict): the current task's ``B`` (m x r) as an ``nn.Linear(r, m)`` leaf (trains);
 * ``ortho_lora_A`` (ModuleDict, olora mode): the current ``A`` (r x n), an ``nn.Linear(n, r)`` leaf (trains);
-* ``ortho_lora_A_fixed`` (BufferDict, subspace mode): the current ``A``, frozen (orthonormal rows);
+* ``ortho_lora_A_fixed`` (BufferDict, subspace / gradient / scaled modes): the current ``A``, frozen
+  (orthonormal rows in the exact modes; ``V^T P`` in scaled mode);
 * ``ortho_lora_A_old`` / ``ortho_lora_B_old`` (BufferDicts): ``[A_1; ...; A_{T-1}]`` ((T-1) r x n) and
   ``[B_1, ..., B_{T-1}]`` (m x (T-1) r), so the frozen tasks' sum is one product ``B_old A_old``;
-* ``ortho_lora_M`` (subspace mode, after the first ``end_task``): the union ``M`` (n x k) of the finished
-  tasks' input bases. ``k`` differs per layer, so this container takes the saved tensor's width at load.
+* ``ortho_lora_M`` (structural modes, after the first ``end_task``): the union ``M`` (n x k) of the finished
+  tasks' input bases. ``k`` differs per layer, so this container takes the saved tensor's width at load;
+* ``ortho_lora_lam`` (scaled mode, after the first ``end_task``): the importance ``lambda`` (k,) of ``M``'s
+  columns, also width-flexible.
 
 How many old tasks exist is read from the config (``task_names``), so a fresh model built from a saved
 ``adapter_config.json`` has the shapes the saved tensors need.
@@ -63,6 +66,7 @@ class OrthoLoraLayer(OrthoLayer):
         "ortho_lora_A_old",
         "ortho_lora_B_old",
         "ortho_lora_M",
+        "ortho_lora_lam",
     )
 
     def _create_containers(self) -> None:
@@ -72,13 +76,14 @@ class OrthoLoraLayer(OrthoLayer):
         self.ortho_lora_A_old = BufferDict(persistent=True)
         self.ortho_lora_B_old = BufferDict(persistent=True)
         self.ortho_lora_M = WidthFlexibleBufferDict()
+        self.ortho_lora_lam = WidthFlexibleBufferDict()
 
     def create_adapter(self, adapter_name: str, config: OrthoLoraConfig) -> None:
         r, n, m = self.r[adapter_name], self.in_features, self.out_features
         self.scaling[adapter_name] = config.alpha / r
         current = max(len(config.task_names) - 1, 0)  # index of the current task slot
         seed = task_seed(config.init_seed, f"{self.module_name}.{adapter_name}", current)
-        if config.mode == "subspace":
+        if config.structural:
             self.ortho_lora_A_fixed[adapter_name] = random_orthonormal_rows(r, n, seed)
         else:
             self.ortho_lora_A[adapter_name] = self._a_leaf(kaiming_rows(r, n, seed))
@@ -93,8 +98,10 @@ class OrthoLoraLayer(OrthoLayer):
         if old:  # placeholders with the saved shapes; PEFT's state-dict load fills them
             self.ortho_lora_A_old[adapter_name] = torch.zeros(old * r, n)
             self.ortho_lora_B_old[adapter_name] = torch.zeros(m, old * r)
-        if config.mode == "subspace" and config.tasks_ended:
+        if config.structural and config.tasks_ended:
             self.ortho_lora_M[adapter_name] = torch.zeros(n, 0)
+            if config.mode == "scaled":
+                self.ortho_lora_lam[adapter_name] = torch.zeros(0)
 
     @staticmethod
     def _a_leaf(a: torch.Tensor) -> nn.Linear:
@@ -111,8 +118,12 @@ class OrthoLoraLayer(OrthoLayer):
         return self.ortho_lora_A[adapter_name].weight
 
     def basis(self, adapter_name: str) -> torch.Tensor | None:
-        """``M`` (n x k) of the finished tasks (subspace mode), or None before the first ``end_task``."""
+        """``M`` (n x k) of the finished tasks (structural modes), or None before the first ``end_task``."""
         return self.ortho_lora_M[adapter_name] if adapter_name in self.ortho_lora_M else None
+
+    def importance(self, adapter_name: str) -> torch.Tensor | None:
+        """``lambda`` (k,) of ``M``'s columns (scaled mode), or None before the first ``end_task``."""
+        return self.ortho_lora_lam[adapter_name] if adapter_name in self.ortho_lora_lam else None
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``s ((x A_t^T) B_t^T + (x A_old^T) B_old^T)``; under autocast the matmuls run in its dtype."""
@@ -164,14 +175,16 @@ class OrthoLoraLayer(OrthoLayer):
             self.ortho_lora_A[adapter_name] = leaf
 
     def replace_current_a(self, adapter_name: str, new_a: torch.Tensor) -> None:
-        """Set the (untrained, subspace-mode) current ``A`` -- used when the first task brings data."""
+        """Set the (untrained, structural-mode) current ``A`` -- used when the first task brings data."""
         old = self.ortho_lora_A_fixed[adapter_name]
         self.ortho_lora_A_fixed[adapter_name] = new_a.to(device=old.device, dtype=old.dtype).contiguous()
 
-    def set_basis(self, adapter_name: str, m: torch.Tensor) -> None:
-        """Store ``M`` (n x k) in fp32 on the layer's device."""
+    def set_basis(self, adapter_name: str, m: torch.Tensor, lam: torch.Tensor | None = None) -> None:
+        """Store ``M`` (n x k) and (scaled mode) its importance ``lam`` (k,), fp32, on the layer's device."""
         device = self.ortho_lora_B[adapter_name].weight.device
         self.ortho_lora_M[adapter_name] = m.to(device=device, dtype=torch.float32).contiguous()
+        if lam is not None:
+            self.ortho_lora_lam[adapter_name] = lam.to(device=device, dtype=torch.float32).contiguous()
 
     def freeze_current(self, adapter_name: str) -> None:
         """Stop the current task's factors from training (``end_task``)."""

@@ -10,13 +10,16 @@ data, ``start_task(model, name, dataloader)``, replaces it by the top-r principa
 inputs (InfLoRA-style, data-aware) -- allowed only while that slot is untrained (``B = 0``).
 Later tasks: ``A`` = top-r eigenvectors of ``(I - M M^T) C (I - M M^T)`` with ``C`` the new task's input
 covariance when a dataloader is given, else r random orthonormal directions of the complement of ``M``.
+Gradient mode uses ``H = G^T G`` (``G = dL/dW`` of the new task's loss at the task's start, see
+:func:`~ortho_adapters.continual.subspace.collect_gradients`) in place of ``C``; scaled mode takes
+``A = V^T P`` with ``P = I - M diag(lambda) M^T`` and ``V`` the top-r eigenvectors of ``P H P``.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
-from typing import Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -24,7 +27,14 @@ from torch import nn
 from ..core.finite import check_base_weight
 from .config import OrthoLoraConfig
 from .layer import OrthoLoraLayer, kaiming_rows, task_seed
-from .subspace import collect_covariances, complement_rows, extend_basis
+from .subspace import (
+    collect_covariances,
+    collect_gradients,
+    complement_rows,
+    extend_basis,
+    scaled_rows,
+    update_importance,
+)
 
 
 class TaskLifecycleError(RuntimeError):
@@ -108,16 +118,24 @@ def _is_trainable(model: nn.Module, adapter_name: str, config: OrthoLoraConfig) 
 
 
 def start_task(
-    model: nn.Module, name: str, dataloader: Optional[Iterable] = None, adapter_name: Optional[str] = None
+    model: nn.Module,
+    name: str,
+    dataloader: Optional[Iterable] = None,
+    adapter_name: Optional[str] = None,
+    loss_fn: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
 ) -> None:
     """Open task ``name``: freeze the previous task's factors and create the new task's ``A`` and ``B = 0``.
 
     Args:
         model: a PEFT model (optionally DDP-wrapped) with an :class:`OrthoLoraConfig` adapter.
         name: the task's name (unique in the sequence).
-        dataloader: subspace mode only, optional: the new task's batches; ``A`` then follows their input
-            covariance inside the complement (forward passes only; dict batches as ``model(**batch)``).
+        dataloader: structural modes only, optional: the new task's batches. Subspace mode: ``A`` follows
+            their input covariance inside the complement (forward passes only; dict batches as
+            ``model(**batch)``). Gradient / scaled modes: ``A`` follows the gradient of their loss (one
+            forward and backward pass per batch in eval mode; no parameter's ``.grad`` is touched).
         adapter_name: defaults to the active adapter.
+        loss_fn: gradient / scaled modes: ``loss_fn(model, batch)`` -> scalar loss of a batch; default: the
+            model output's ``loss`` (labels in the batch).
 
     Raises:
         TaskLifecycleError: the previous task has not been closed by :func:`end_task`.
@@ -138,7 +156,7 @@ def start_task(
         )
     first = not config.task_names
     index = len(config.task_names)
-    subspace = config.mode == "subspace"
+    subspace = config.structural
     if first and subspace and dataloader is not None:
         trained = [n for n, layer in layers.items() if layer.ortho_lora_B[adapter_name].weight.any()]
         if trained:
@@ -146,11 +164,14 @@ def start_task(
                 f"the first task's B is already non-zero (e.g. '{trained[0]}'): pass the dataloader to "
                 "start_task before training, or call start_task without data"
             )
-    covs = (
-        _task_covariances(model, layers, dataloader, "continual.start_task")
-        if subspace and dataloader is not None
-        else None
-    )
+    covs = None
+    if subspace and dataloader is not None:
+        if config.mode == "subspace":
+            covs = _task_covariances(model, layers, dataloader, "continual.start_task")
+        else:
+            for lname, layer in layers.items():
+                check_base_weight(layer, step="continual.start_task", layer=lname)
+            covs = collect_gradients(unwrap(model), layers, dataloader, loss_fn, step="continual.start_task")
     new_a: dict[str, torch.Tensor] = {}
     for lname, layer in layers.items():
         r, n = layer.r[adapter_name], layer.in_features
@@ -159,7 +180,11 @@ def start_task(
             if first and covs is None:
                 continue  # keep the random orthonormal A of the first slot
             cov = None if covs is None else covs[lname]
-            new_a[lname] = complement_rows(layer.basis(adapter_name), n, r, cov, seed, lname).float()
+            if config.mode == "scaled":
+                lam = layer.importance(adapter_name)
+                new_a[lname] = scaled_rows(layer.basis(adapter_name), lam, n, r, cov, seed, lname).float()
+            else:
+                new_a[lname] = complement_rows(layer.basis(adapter_name), n, r, cov, seed, lname).float()
         elif not first:
             new_a[lname] = kaiming_rows(r, n, seed)
     # commit
@@ -202,18 +227,22 @@ def end_task(
             "no task is open: call start_task(model, name) before training a task and end_task after it"
         )
     bases: dict[str, torch.Tensor] = {}
-    if config.mode == "subspace":
+    lams: dict[str, torch.Tensor] = {}
+    if config.structural:
         if dataloader is None:
-            raise ValueError("end_task in subspace mode needs the finished task's dataloader")
+            raise ValueError(f"end_task in {config.mode} mode needs the finished task's dataloader")
         covs = _task_covariances(model, layers, dataloader, "continual.end_task")
         energy = config.energy_for_task(config.tasks_ended)
         for lname, layer in layers.items():
-            bases[lname] = extend_basis(layer.basis(adapter_name), covs[lname], energy)
+            bases[lname] = extend_basis(layer.basis(adapter_name), covs[lname], energy, config.room_share)
+            if config.mode == "scaled":
+                old = layer.importance(adapter_name)
+                lams[lname] = update_importance(bases[lname], old, covs[lname], config.sgp_scale)
         _warn_no_new_direction(layers, adapter_name, covs, bases, energy)
     # commit
     for lname, layer in layers.items():
         if lname in bases:
-            layer.set_basis(adapter_name, bases[lname])
+            layer.set_basis(adapter_name, bases[lname], lams.get(lname))
         layer.freeze_current(adapter_name)
     config.tasks_ended += 1
     return {lname: int(m.shape[1]) for lname, m in bases.items()}
