@@ -633,6 +633,16 @@ def summarize(results: dict, args) -> None:
 
 
 def main(argv=None) -> dict:
+    """Run the benchmark; the caller's torch thread count is restored afterwards (``--jobs > 1`` sets one
+    thread, which a caller such as a test process must not inherit)."""
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
