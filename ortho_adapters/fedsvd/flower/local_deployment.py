@@ -106,9 +106,10 @@ class LocalDeployment:
         self.logs.mkdir(parents=True, exist_ok=True)
         self._starts += 1
         path = self.logs / f"{log_name}.{self._starts}.log"
-        proc = subprocess.Popen(
-            cmd, env=self.env, stdout=path.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with path.open("w") as log:  # the child keeps its own descriptor; the parent's is closed here
+            proc = subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         proc.log_path = path  # type: ignore[attr-defined]
         return proc
 
