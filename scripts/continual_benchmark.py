@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 from ortho_adapters import OrthoLoraConfig
 from ortho_adapters.continual import end_task, olora_penalty, start_task
 from ortho_adapters.data import load_minilm, load_rotten_tomatoes
+from ortho_adapters.jobs.adamw_loop import train_adamw
 from ortho_adapters.tasks import load_task as load_task_table
 
 # every source of ortho_adapters.tasks that MiniLM learns above chance in one epoch, plus Rotten Tomatoes
@@ -179,29 +179,15 @@ def accuracy(model: nn.Module, lower: FrozenLower, examples: list[Example], args
 
 def train(model: nn.Module, lower: FrozenLower, examples: list[Example], args, lr: float, seed: int,
           penalty=None, desc: str = "") -> None:  # fmt: skip
-    """Plain AdamW loop over ``examples`` for ``args.epochs``; adds ``penalty(model)`` to the loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    model.train()
-    steps = args.epochs * math.ceil(len(examples) / args.batch_size)
-    bar = tqdm(total=steps, desc=desc, leave=False, disable=args.no_progress)
-    for _ in range(args.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in range(0, len(order), args.batch_size):
-            chunk = [examples[j] for j in order[i : i + args.batch_size]]
-            logits = scores(model, lower, chunk, args.temperature)
-            loss = F.cross_entropy(logits, torch.tensor([ex.answer for ex in chunk]))
-            if penalty is not None:
-                loss = loss + penalty(model)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+    """AdamW over ``examples`` for ``args.epochs``: cross-entropy over each example's candidates, plus
+    ``penalty(model)`` (:func:`ortho_adapters.jobs.adamw_loop.train_adamw`)."""
+
+    def chunk_loss(chunk: list[Example]) -> torch.Tensor:
+        logits = scores(model, lower, chunk, args.temperature)
+        return F.cross_entropy(logits, torch.tensor([ex.answer for ex in chunk]))
+
+    train_adamw(model, examples, chunk_loss, lr=lr, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
+                penalty=penalty, desc=desc, disable_progress=args.no_progress)  # fmt: skip
 
 
 def stats_batches(lower: FrozenLower, examples: list[Example], n: int, batch_size: int) -> list[dict]:
@@ -250,6 +236,7 @@ def run_sequence(arm: str, order: tuple[int, ...], top: TopEncoder, lower: Froze
             room_share={"subspace": args.room_share_subspace, "scaled": args.room_share_scaled}.get(
                 arm, args.room_share
             ),
+            task_ranks=args.task_ranks_subspace if arm == "subspace" else None,
         )
         model = get_peft_model(model, cfg)
     R: list[list[float]] = []
@@ -391,7 +378,8 @@ def write_table(results: dict, args, path: Path, wall: float) -> str:
         f"{args.energy}, scaled-mode energy {args.energy_scaled or args.energy}, sgp_scale {args.sgp_scale}, "
         f"room_share {args.room_share} (gradient), {args.room_share_scaled} (scaled) and "
         f"{args.room_share_subspace} (subspace), "
-        f"l1 {args.l1}, {args.jobs} worker process(es). Wall time {wall / 60:.1f} min.\n"
+        + (f"subspace ranks per task {args.task_ranks_subspace}, " if args.task_ranks_subspace else "")
+        + f"l1 {args.l1}, {args.jobs} worker process(es). Wall time {wall / 60:.1f} min.\n"
     )
     summary = [
         "",
@@ -523,6 +511,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--room-share", type=float, default=1.0, help="room_share of the gradient arm")
     p.add_argument("--room-share-scaled", type=float, default=1.0, help="room_share of the scaled arm")
     p.add_argument("--room-share-subspace", type=float, default=1.0, help="room_share of the subspace arm")
+    p.add_argument(
+        "--task-ranks-subspace",
+        type=int,
+        nargs="+",
+        default=None,
+        help="rank of each task in the subspace arm (OrthoLoraConfig.task_ranks; default --r for every task)",
+    )
     p.add_argument(
         "--lrs-from",
         nargs="+",

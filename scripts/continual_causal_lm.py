@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import random
 import shlex
 import sys
 import time
@@ -33,10 +31,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, OSFConfig, get_peft_model
 from torch import nn
-from tqdm.auto import tqdm
 
 from ortho_adapters import OrthoLoraConfig
 from ortho_adapters.continual import end_task, olora_penalty, start_task
+from ortho_adapters.jobs.adamw_loop import train_adamw
 from ortho_adapters.jobs.causal_lm import load_model
 from ortho_adapters.jobs.lm_tasks import LMExample, load_examples
 from ortho_adapters.jobs.scoring import LeftPadCollator, choice_accuracy, score_choices, training_features
@@ -70,30 +68,14 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ training
 def train(model: nn.Module, tokenizer, examples: list[LMExample], args, lr: float, seed: int,
           penalty=None, desc: str = "") -> list[float]:  # fmt: skip
-    """AdamW (constant lr, no weight decay) over ``examples`` for ``args.epochs``; returns the step losses."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    model.train()
-    steps = args.epochs * math.ceil(len(examples) / args.batch_size)
-    losses: list[float] = []
-    bar = tqdm(total=steps, desc=desc, leave=False, disable=args.no_progress, file=sys.stdout)
-    for _ in range(args.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for batch in batches_of(tokenizer, [examples[j] for j in order], args.batch_size):
-            loss = model(**batch).loss
-            total = loss + penalty(model) if penalty is not None else loss
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    model.eval()
-    return losses
+    """AdamW over ``examples`` for ``args.epochs`` on the answer tokens' causal-LM loss (plus ``penalty``);
+    returns the step losses (:func:`ortho_adapters.jobs.adamw_loop.train_adamw`)."""
+
+    def chunk_loss(chunk: list[LMExample]) -> torch.Tensor:
+        return lm_loss(model, batches_of(tokenizer, chunk, len(chunk))[0])
+
+    return train_adamw(model, examples, chunk_loss, lr=lr, epochs=args.epochs, batch_size=args.batch_size,
+                       seed=seed, penalty=penalty, desc=desc, disable_progress=args.no_progress)  # fmt: skip
 
 
 def accuracy(model: nn.Module, tokenizer, examples: list[LMExample], args) -> float:

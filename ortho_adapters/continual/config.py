@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Union
+from typing import ClassVar, Optional, Union
 
 from ..core.config import OrthoAdapterConfig
 
@@ -40,8 +40,12 @@ class OrthoLoraConfig(OrthoAdapterConfig):
 
     Args:
         mode: ``"subspace"``, ``"gradient"``, ``"scaled"`` or ``"olora"``.
-        r: rank per task.
+        r: rank per task, and the reference rank of the scaling ``s = alpha / r`` shared by every task.
         alpha: scaling numerator, ``s = alpha / r``.
+        task_ranks: optional rank schedule: task ``t`` gets rank ``task_ranks[min(t, len - 1)]`` instead of
+            ``r`` (e.g. ``[4, 6, 8, 8, 10, 12]``: more rank for later tasks at the total of six tasks at
+            ``r = 8``). Every task keeps the scaling ``alpha / r``, so a rank-``r_t`` task moves the output as
+            fast per step as a rank-``r`` one. ``None`` (default): every task has rank ``r``.
         energy: share of each task's input-covariance spectrum its basis keeps (subspace mode). A float is
             used for every task; a list gives task ``t`` the value ``energy[min(t, len - 1)]`` (rising per
             task, GPM / InfLoRA style). Default 0.99: the uncentred input covariance of transformer hidden
@@ -69,6 +73,9 @@ class OrthoLoraConfig(OrthoAdapterConfig):
     mode: str = field(default="subspace", metadata={"help": "'subspace' (default) or 'olora'."})
     r: int = field(default=8, metadata={"help": "Rank per task."})
     alpha: float = field(default=32.0, metadata={"help": "Scaling alpha/r."})
+    task_ranks: Optional[list[int]] = field(
+        default=None, metadata={"help": "Rank of task t: task_ranks[min(t, len - 1)] (default: r)."}
+    )
     energy: Union[float, list[float]] = field(
         default_factory=lambda: [0.99],
         metadata={"help": "Spectrum share each task's input basis keeps; a list rises per task."},
@@ -96,6 +103,16 @@ class OrthoLoraConfig(OrthoAdapterConfig):
             )
         if isinstance(self.energy, tuple):
             self.energy = list(self.energy)
+        if self.task_ranks is not None:
+            ranks = list(self.task_ranks) if isinstance(self.task_ranks, (list, tuple)) else None
+            if not ranks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ranks):
+                raise ValueError(
+                    f"OrthoLoraConfig.task_ranks must be None or a non-empty list of positive ints, "
+                    f"got {self.task_ranks!r}"
+                )
+            if self.r is None:
+                raise ValueError("OrthoLoraConfig.task_ranks needs an int r (the scaling's reference rank)")
+            self.task_ranks = ranks
         if (
             isinstance(self.room_share, bool)
             or not isinstance(self.room_share, (int, float))
@@ -125,6 +142,16 @@ class OrthoLoraConfig(OrthoAdapterConfig):
         if isinstance(self.energy, (list, tuple)):
             return float(self.energy[min(index, len(self.energy) - 1)])
         return float(self.energy)
+
+    def rank_for_task(self, index: int) -> int:
+        """The rank of task ``index`` (0-based): ``task_ranks[min(index, len - 1)]``, or ``r``."""
+        if self.task_ranks:
+            return int(self.task_ranks[min(index, len(self.task_ranks) - 1)])
+        return int(self.r)
+
+    def old_rows(self, count: int) -> int:
+        """Rows of the old stacks ``A_old`` once ``count`` tasks are frozen: the sum of their ranks."""
+        return sum(self.rank_for_task(t) for t in range(count))
 
     @property
     def structural(self) -> bool:

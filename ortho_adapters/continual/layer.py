@@ -79,9 +79,12 @@ class OrthoLoraLayer(OrthoLayer):
         self.ortho_lora_lam = WidthFlexibleBufferDict()
 
     def create_adapter(self, adapter_name: str, config: OrthoLoraConfig) -> None:
-        r, n, m = self.r[adapter_name], self.in_features, self.out_features
-        self.scaling[adapter_name] = config.alpha / r
+        n, m = self.in_features, self.out_features
+        self.scaling[adapter_name] = config.alpha / self.r[adapter_name]  # alpha / config.r for every task
         current = max(len(config.task_names) - 1, 0)  # index of the current task slot
+        if config.task_ranks:  # every scheduled rank must fit the layer, not only the first
+            self.check_rank(max(config.task_ranks), m, n, self.module_name)
+        r = config.rank_for_task(current)
         seed = task_seed(config.init_seed, f"{self.module_name}.{adapter_name}", current)
         if config.structural:
             self.ortho_lora_A_fixed[adapter_name] = random_orthonormal_rows(r, n, seed)
@@ -96,8 +99,9 @@ class OrthoLoraLayer(OrthoLayer):
         self.ortho_lora_B[adapter_name] = leaf
         old = config.num_old_tasks
         if old:  # placeholders with the saved shapes; PEFT's state-dict load fills them
-            self.ortho_lora_A_old[adapter_name] = torch.zeros(old * r, n)
-            self.ortho_lora_B_old[adapter_name] = torch.zeros(m, old * r)
+            rows = config.old_rows(old)
+            self.ortho_lora_A_old[adapter_name] = torch.zeros(rows, n)
+            self.ortho_lora_B_old[adapter_name] = torch.zeros(m, rows)
         if config.structural and config.tasks_ended:
             self.ortho_lora_M[adapter_name] = torch.zeros(n, 0)
             if config.mode == "scaled":

@@ -174,7 +174,7 @@ def start_task(
             covs = collect_gradients(unwrap(model), layers, dataloader, loss_fn, step="continual.start_task")
     new_a: dict[str, torch.Tensor] = {}
     for lname, layer in layers.items():
-        r, n = layer.r[adapter_name], layer.in_features
+        r, n = config.rank_for_task(index), layer.in_features
         seed = task_seed(config.init_seed, f"{layer.module_name}.{adapter_name}", index)
         if subspace:
             if first and covs is None:

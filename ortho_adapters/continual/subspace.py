@@ -46,6 +46,28 @@ _COUNT = "\0batches"
 _REL_TOL = 1e-10  # eigenvalues below this share of the largest count as zero
 
 
+def _sum_over_ranks(
+    sums: dict[str, torch.Tensor],
+    layers: Mapping[str, nn.Module],
+    batches: int,
+    device: torch.device,
+    shape: Callable[[nn.Module], tuple[int, int]],
+    what: str,
+) -> dict[str, torch.Tensor]:
+    """``sums`` (a zero ``shape(layer)`` for a layer no local batch reached) summed over every rank.
+
+    Raises ``ValueError`` when no rank saw a batch (``what`` names the statistic in the message).
+    """
+    for name, layer in layers.items():
+        if name not in sums:
+            sums[name] = torch.zeros(*shape(layer), dtype=torch.float64, device=device)
+    sums[_COUNT] = torch.tensor([float(batches)], dtype=torch.float64, device=device)
+    sums = all_reduce_sums(sums)
+    if float(sums.pop(_COUNT)) == 0:
+        raise ValueError(f"the dataloader yielded no batches: cannot compute the task's {what}")
+    return sums
+
+
 def collect_covariances(
     model: nn.Module, layers: Mapping[str, nn.Module], dataloader: Iterable, step: str = "collect_covariances"
 ) -> dict[str, torch.Tensor]:
@@ -87,14 +109,9 @@ def collect_covariances(
     finally:
         for h in handles:
             h.remove()
-    for name, layer in layers.items():
-        if name not in sums:
-            n = layer.in_features
-            sums[name] = torch.zeros(n, n, dtype=torch.float64, device=device)
-    sums[_COUNT] = torch.tensor([float(batches)], dtype=torch.float64, device=device)
-    sums = all_reduce_sums(sums)
-    if float(sums.pop(_COUNT)) == 0:
-        raise ValueError("the dataloader yielded no batches: cannot compute the task's input statistics")
+    sums = _sum_over_ranks(
+        sums, layers, batches, device, lambda lay: (lay.in_features, lay.in_features), "input statistics"
+    )
     for name in layers:
         check_finite(
             sums[name],
@@ -239,14 +256,9 @@ def collect_gradients(
         seen.clear()
         for h in handles:
             h.remove()
-    for name, layer in layers.items():
-        if name not in sums:
-            m, n = layer.out_features, layer.in_features
-            sums[name] = torch.zeros(m, n, dtype=torch.float64, device=device)
-    sums[_COUNT] = torch.tensor([float(batches)], dtype=torch.float64, device=device)
-    sums = all_reduce_sums(sums)
-    if float(sums.pop(_COUNT)) == 0:
-        raise ValueError("the dataloader yielded no batches: cannot compute the task's loss gradient")
+    sums = _sum_over_ranks(
+        sums, layers, batches, device, lambda lay: (lay.out_features, lay.in_features), "loss gradient"
+    )
     out: dict[str, torch.Tensor] = {}
     for name in layers:
         check_finite(
