@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import shlex
 import sys
 import time
@@ -119,8 +120,8 @@ def run_sequence(arm: str, base: nn.Module, tokenizer, data: dict, args, lr: flo
             model = get_peft_model(
                 model, OSFConfig(target_modules=list(args.targets), effective_rank=rank or 1)
             )
-        elif arm == "subspace":
-            start_task(model, name, stats)
+        elif arm == "subspace":  # A: top input directions in the complement, or random ones there
+            start_task(model, name, stats if args.subspace_a == "data" else None)
         elif arm in ("gradient", "scaled"):
             grad = batches_of(tokenizer, train_ex[: args.stats_examples], args.batch_size)
             start_task(model, name, grad, loss_fn=lm_loss)
@@ -192,7 +193,8 @@ def write_report(results: dict, args, path: Path) -> str:
         f"Tasks in order: {' -> '.join(names)}; {args.n_train} train / {args.n_test} test examples per task "
         f"(seed {args.seed}), max length {args.max_length} tokens, batch {args.batch_size}, {args.epochs} "
         f"epoch(s), AdamW at a constant lr; adapters on {', '.join(args.targets)}, r={args.r}, "
-        f"alpha={args.alpha:g}. Training: causal-LM loss on the answer tokens only. Test: the candidate "
+        f"alpha={args.alpha:g}, subspace A from {getattr(args, 'subspace_a', 'data')}, energy {args.energy}. "
+        "Training: causal-LM loss on the answer tokens only. Test: the candidate "
         "answer text with the highest summed log-likelihood (end-of-turn token included) is the prediction.",
         "",
         "Zero-shot (base model) test accuracy: "
@@ -243,6 +245,44 @@ def write_report(results: dict, args, path: Path) -> str:
     return text
 
 
+def plot(results: dict, args, path: Path) -> None:
+    """One panel per sequential arm: each task's test accuracy after every training step from its own on,
+    its zero-shot accuracy as a dashed line, and the arm's AA / BWT in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(args.tasks)
+    arms = [a for a in args.arms if a != "multitask_lora" and a in results["arms"]]
+    cols = min(len(arms), 4)
+    rows = math.ceil(len(arms) / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(max(3.3 * cols, 6.4), 2.8 * rows + 0.6), sharey=True, squeeze=False
+    )
+    for ax in axes.flat[len(arms) :]:
+        ax.axis("off")
+    for ax, arm in zip(axes.flat, arms):
+        r = results["arms"][arm]
+        for i, name in enumerate(names):
+            xs = list(range(i + 1, len(names) + 1))
+            ax.plot(xs, [r["R"][t][i] for t in range(i, len(names))], marker="o", color=f"C{i}", label=name)
+            zero = results["zero_shot"].get(name)
+            if zero is not None and zero == zero:  # not NaN
+                ax.axhline(zero, color=f"C{i}", linestyle=":", linewidth=0.8)
+        ax.set_title(f"{arm}: AA {r['AA']:.3f}, BWT {r['BWT']:+.3f}", fontsize=9)
+        ax.set_xticks(range(1, len(names) + 1))
+        ax.set_xlabel("after training task #")
+    for row in axes:
+        row[0].set_ylabel("test accuracy")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct answering in text (dotted: zero-shot)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1 if len(labels) > 4 else 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -263,19 +303,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-osf", type=float, default=1e-4)
     p.add_argument("--energy", type=float, default=0.99)
     p.add_argument("--l1", type=float, default=0.5)
+    p.add_argument(
+        "--subspace-a",
+        choices=("data", "random"),
+        default="data",
+        help="subspace arm's A: the task's top input directions in the complement (data) or random ones",
+    )
     p.add_argument("--stats-examples", type=int, default=64, help="examples per task for the lifecycle")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-zero-shot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--plot-only", action="store_true", help="redraw results.md and accuracy.png from results.json"
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    start = time.time()
-    torch.set_num_threads(args.threads)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     out = Path(args.output_dir)
+    if args.plot_only:
+        results = json.loads((out / "results.json").read_text())
+        args = argparse.Namespace(**{**results["args"], "plot_only": True})
+        print(write_report(results, args, out / "results.md"), flush=True)
+        plot(results, args, out / "accuracy.png")
+        return results
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:  # the caller's thread count comes back (a test calling main() must not change later tests)
+        return run(args, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, out: Path) -> dict:
+    """The whole benchmark for parsed ``args``: data, zero-shot, every arm, report and plot under ``out``."""
+    start = time.time()
+    argv = args.argv
     out.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_model()
     base.eval()
@@ -289,7 +355,7 @@ def main(argv=None) -> dict:
         data[name] = {"train": train_ex, "test": test_ex}
     chance = {n: sum(1 / len(ex.choices) for ex in d["test"]) / len(d["test"]) for n, d in data.items()}
     cmd = f"OMP_NUM_THREADS={args.threads} python scripts/continual_causal_lm.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+        shlex.quote(a) for a in argv
     )
     results: dict = {"command": cmd.strip(), "args": vars(args), "chance": chance, "arms": {}}
     print(f"data ready at {time.time() - start:.0f} s: " + ", ".join(
@@ -331,6 +397,7 @@ def main(argv=None) -> dict:
     results["wall_seconds"] = time.time() - start
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(write_report(results, args, out / "results.md"), flush=True)
+    plot(results, args, out / "accuracy.png")
     return results
 
 
