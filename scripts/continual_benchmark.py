@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ortho_adapters import OrthoLoraConfig
 from ortho_adapters.continual import end_task, olora_penalty, start_task
+from ortho_adapters.continual.metrics import transfer_metrics
 from ortho_adapters.data import load_minilm, load_rotten_tomatoes
 from ortho_adapters.jobs.adamw_loop import train_adamw
 from ortho_adapters.tasks import load_task as load_task_table
@@ -312,8 +313,7 @@ def _tune_job(job: tuple[str, float]) -> dict:
     data, lower, top = _STATE["prepared"][args.seeds[0]]
     t0 = time.time()
     R = run_sequence(arm, args.orders[0], top, lower, data, args, args.seeds[0] + 7, lr, split="val")
-    aa, bwt = aa_bwt(R)
-    plast = sum(R[i][i] for i in range(len(R))) / len(R)
+    aa, bwt, plast = transfer_metrics(R)
     print(f"  tune {arm} lr={lr:g}: validation AA {aa:.3f} BWT {bwt:+.3f} plasticity {plast:.3f}", flush=True)
     return {"AA": aa, "BWT": bwt, "plasticity": plast, "R": R, "seconds": time.time() - t0}
 
@@ -336,13 +336,6 @@ def tune_lrs(lrs: dict[str, float], top: TopEncoder, lower: FrozenLower, data, a
     for arm in found:
         lrs[arm] = max(found[arm], key=found[arm].get)
     return found
-
-
-def aa_bwt(R: list[list[float]]) -> tuple[float, float]:
-    T = len(R)
-    aa = sum(R[-1]) / T
-    bwt = sum(R[-1][i] - R[i][i] for i in range(T - 1)) / (T - 1)
-    return aa, bwt
 
 
 # ------------------------------------------------------------------------------------------- reports
@@ -581,7 +574,7 @@ def run_arm(arm: str, top: TopEncoder, lower: FrozenLower, data, args, seed: int
     for k, order in enumerate(args.orders):
         info = {}
         R = run_sequence(arm, order, top, lower, data, args, seed + 100 * k, lrs[arm], info=info)
-        aa, bwt = aa_bwt(R)
+        aa, bwt, _ = transfer_metrics(R)
         per.append({"order": [TASKS[i] for i in order], "R": R, "AA": aa, "BWT": bwt, **info})
     return {
         "orders": per,

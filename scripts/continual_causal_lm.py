@@ -35,6 +35,7 @@ from torch import nn
 
 from ortho_adapters import OrthoLoraConfig
 from ortho_adapters.continual import end_task, olora_penalty, start_task
+from ortho_adapters.continual.metrics import transfer_metrics
 from ortho_adapters.jobs.adamw_loop import train_adamw
 from ortho_adapters.jobs.causal_lm import load_model
 from ortho_adapters.jobs.lm_tasks import LMExample, load_examples
@@ -113,7 +114,11 @@ def run_sequence(arm: str, base: nn.Module, tokenizer, data: dict, args, lr: flo
     extra: list = []
     for t, name in enumerate(names):
         train_ex = data[name]["train"]
-        stats = batches_of(tokenizer, train_ex[: args.stats_examples], args.batch_size, labels=False)
+        stats = (  # the lifecycle's batches: only the structural arms read inputs at start / end
+            batches_of(tokenizer, train_ex[: args.stats_examples], args.batch_size, labels=False)
+            if arm in ("subspace", "gradient", "scaled")
+            else None
+        )
         penalty = None
         if arm == "osf":
             rank = t / len(names)  # preserved (frozen) share of each weight's spectrum grows per task
@@ -161,10 +166,7 @@ def run_sequence(arm: str, base: nn.Module, tokenizer, data: dict, args, lr: flo
             f"eval {time.time() - t0:.0f} s): {[round(a, 3) for a in R[-1]]}",
             flush=True,
         )
-    T = len(names)
-    aa = sum(R[-1]) / T
-    bwt = sum(R[-1][i] - R[i][i] for i in range(T - 1)) / max(T - 1, 1)
-    plasticity = sum(R[i][i] for i in range(T)) / T
+    aa, bwt, plasticity = transfer_metrics(R)
     return {"R": R, "AA": aa, "BWT": bwt, "plasticity": plasticity, "trainable": trainable,
             "losses": losses, "basis": extra}  # fmt: skip
 
